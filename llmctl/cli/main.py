@@ -1,0 +1,45 @@
+"""The ``llmctl`` application: registers each command module and sets up logging."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmctl import __version__
+from llmctl.cli import profiles
+from llmctl.cli.errors import LlmctlGroup
+
+app = typer.Typer(
+    name="llmctl",
+    cls=LlmctlGroup,
+    help="Take a language model from a checkpoint to a served, evaluated, priced deployment.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(profiles.app, name="profiles")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-v info, -vv debug).")] = 0,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Take a language model from a checkpoint to a served, evaluated, priced deployment."""
+    from llmctl.log import configure_logging
+
+    configure_logging(verbose)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="llmctl")

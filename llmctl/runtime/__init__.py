@@ -1,0 +1,4 @@
+"""Runtime backends: load an artifact, stream tokens, score log-probabilities.
+
+``serve``, ``eval`` and ``generate`` all go through this layer.
+"""
