@@ -16,6 +16,7 @@ app = typer.Typer(
     help="Take a language model from a checkpoint to a served, evaluated, priced deployment.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(profiles.app, name="profiles")
@@ -38,6 +39,19 @@ def main(
     from llmctl.log import configure_logging
 
     configure_logging(verbose)
+
+
+@app.command("completions")
+def completions(
+    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+) -> None:
+    """Print a static completion script for SHELL (the files in completions/ are made this way)."""
+    from llmctl.cli.completions import SHELLS, completion_script
+    from llmctl.errors import UsageError
+
+    if shell not in SHELLS:
+        raise UsageError(f"unknown shell {shell!r}", hint=f"choose one of: {', '.join(SHELLS)}")
+    print(completion_script(typer.main.get_command(app), shell), end="")
 
 
 def run() -> None:
