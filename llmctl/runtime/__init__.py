@@ -1,4 +1,135 @@
 """Runtime backends: load an artifact, stream tokens, score log-probabilities.
 
-``serve``, ``eval`` and ``generate`` all go through this layer.
+``serve``, ``eval`` and ``generate`` all go through this layer: ``open_backend`` picks a
+backend for a model folder and returns it loaded.
 """
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llmctl.errors import InputError, UnsupportedError
+
+if TYPE_CHECKING:
+    from llmctl.profiles.schema import Profile
+    from llmctl.runtime.base import Backend
+
+logger = logging.getLogger(__name__)
+
+BACKEND_CHOICES = ("auto", "genai", "ort", "torch")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+def _manifest_runtime(folder: Path) -> str | None:
+    manifest = folder / "llmctl.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("cannot read %s; choosing the backend from the files", manifest)
+        return None
+    runtime = (data.get("model") or {}).get("runtime") if isinstance(data, dict) else None
+    return runtime if isinstance(runtime, str) else None
+
+
+def select_backend_name(path: Path, requested: str = "auto") -> str:
+    """Choose the backend that runs the model in ``path``.
+
+    ``auto`` follows the manifest's ``model.runtime`` when the folder can run it, else picks
+    genai when ``genai_config.json`` exists, ort when there are ``.onnx`` files, and torch for
+    a Hugging Face folder with safetensors or bin weights. A named backend is checked against
+    the folder's contents.
+
+    Args:
+        path: the model folder.
+        requested: "auto" or a registered backend name.
+
+    Raises:
+        InputError: the folder does not exist or holds no model any backend can run.
+        UnsupportedError: the named backend cannot run this folder.
+    """
+    from llmctl.registry import backends
+
+    folder = Path(path)
+    if not folder.exists():
+        raise InputError(f"model folder not found: {folder}", hint="pass an artifact folder made by llmctl convert")
+    if not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a model folder", hint="pass the folder that contains it")
+
+    has_genai = (folder / "genai_config.json").is_file()
+    has_onnx = any(folder.glob("*.onnx"))
+    has_weights = (folder / "config.json").is_file() and any(any(folder.glob(p)) for p in WEIGHT_PATTERNS)
+    runnable = {"genai": has_genai, "ort": has_onnx, "torch": has_weights}
+
+    if requested == "auto":
+        preferred = _manifest_runtime(folder)
+        if preferred in runnable and runnable[preferred]:
+            return preferred
+        for name in ("genai", "ort", "torch"):
+            if runnable[name]:
+                return name
+        raise InputError(
+            f"{folder} holds no model: no genai_config.json, no .onnx file and no Hugging Face weights",
+            hint="convert a checkpoint first: llmctl convert SOURCE -o DIR",
+        )
+
+    if requested in runnable:
+        if not runnable[requested]:
+            needs = {
+                "genai": "a genai_config.json (convert with --exporter genai)",
+                "ort": "an .onnx file (convert the model first)",
+                "torch": "config.json and safetensors or bin weights",
+            }[requested]
+            usable = [name for name, ok in runnable.items() if ok]
+            hint = f"use --backend {usable[0]}" if usable else "convert a checkpoint first: llmctl convert SOURCE -o DIR"
+            raise UnsupportedError(f"the {requested} backend cannot run {folder}: it needs {needs}", hint=hint)
+        return requested
+
+    backends.get(requested)  # raises UsageError listing the registered names when unknown
+    return requested
+
+
+def open_backend(
+    model_path: Path | str,
+    backend: str = "auto",
+    *,
+    profile: Profile | str | Path | None = None,
+    threads: int | None = None,
+    **options: Any,
+) -> Backend:
+    """Create the backend for ``model_path`` and load it.
+
+    Args:
+        model_path: an artifact folder, or a Hugging Face folder for the torch backend.
+        backend: "auto", "genai", "ort", "torch" or a plugin's name.
+        profile: a loaded profile, a built-in name or a profile file; it supplies the
+            execution provider and the thread count. None uses the default profile.
+        threads: intra-op threads, overriding the profile; 0 lets the runtime choose.
+        **options: backend options, e.g. ``continuous_batching=False`` for the genai backend.
+
+    Returns:
+        A loaded backend.
+
+    Raises:
+        InputError, UnsupportedError: see ``select_backend_name``.
+        ProfileError: the profile does not exist or does not validate.
+        RuntimeBackendError: the runtime failed to load the model.
+    """
+    from llmctl.profiles.loader import load_profile
+    from llmctl.registry import backends
+
+    folder = Path(model_path)
+    name = select_backend_name(folder, backend)
+    if profile is None or isinstance(profile, (str, Path)):
+        profile = load_profile(profile)
+    options.setdefault("execution_provider", profile.runtime.execution_provider)
+    thread_count = profile.runtime.threads if threads is None else threads
+
+    logger.info("opening %s with the %s backend", folder, name)
+    instance = backends.create(name, folder, threads=thread_count, **options)
+    instance.load()
+    return instance

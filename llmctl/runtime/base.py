@@ -1,7 +1,17 @@
 """The interface every runtime backend implements.
 
-A backend wraps one loaded model. It is used from worker threads by the server and from the
-main thread by ``generate`` and ``eval``; methods that run the model may block.
+A backend wraps one loaded model. ``serve`` calls it from worker threads, ``generate`` and
+``eval`` from the main thread.
+
+Thread-safety contract, shared by every built-in backend:
+
+- ``load`` and ``close`` are called once, from one thread, while no other call runs.
+- After ``load`` returns, ``encode``, ``decode``, ``apply_chat_template``, ``generate``,
+  ``score``, ``score_batch`` and ``next_token_logits`` may be called from several threads at
+  once. A backend serializes internally whatever its runtime cannot run concurrently, so a
+  caller never needs its own lock.
+- A generation iterator belongs to the thread that consumes it; closing it from that thread
+  (or letting it be garbage-collected) cancels the generation and frees its resources.
 """
 
 from __future__ import annotations
@@ -29,8 +39,10 @@ class Capabilities:
 class SamplingParams:
     """Decoding parameters of one generation, in the OpenAI API's meaning.
 
-    ``temperature == 0`` is greedy decoding. ``stop`` strings are applied to the decoded
-    text by the caller or the backend, never shown in the output.
+    ``temperature == 0`` is greedy decoding. ``top_k == 0`` and ``top_p == 1`` disable those
+    filters. The same ``seed`` with the same parameters and prompt gives the same tokens on one
+    backend. ``stop`` strings are applied to the decoded text by the caller (see
+    ``llmctl.runtime.streaming``), never shown in the output.
     """
 
     max_tokens: int = 16
@@ -45,9 +57,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: no log-probabilities; N >= 0: the chosen token's plus top N
     ignore_eos: bool = False
 
+    def needs_logits(self) -> bool:
+        """Return True when a parameter needs the logits in Python rather than a runtime's own sampler."""
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 or self.logprobs is not None
+
 
 @dataclass
 class TokenLogprob:
+    """The log-probability of one token, with the most likely alternatives at its position."""
+
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
@@ -109,6 +127,9 @@ class Backend(abc.ABC):
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         """Render chat messages through the model's template and return the prompt token ids.
 
+        Special-token text inside a message's content stays plain text; only the template's
+        own markup becomes control tokens.
+
         Raises:
             UsageError: the model has no chat template.
         """
@@ -121,12 +142,24 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def score(self, token_ids: Sequence[int]) -> list[TokenLogprob | None]:
+    def score(self, token_ids: Sequence[int], *, top_logprobs: int = 0) -> list[TokenLogprob | None]:
         """Return the log-probability of each token given the ones before it.
 
         The first entry is None (nothing precedes it). Used for prompt log-probabilities
         (``echo``), perplexity and multiple-choice scoring.
+
+        Args:
+            token_ids: the whole sequence to score.
+            top_logprobs: how many most likely alternatives to list at each position.
         """
+
+    def score_batch(self, sequences: Sequence[Sequence[int]], *, top_logprobs: int = 0) -> list[list[TokenLogprob | None]]:
+        """Score several sequences; the default scores them one by one.
+
+        A backend that batches them pads on the right, so each sequence's log-probabilities
+        match ``score`` up to float rounding.
+        """
+        return [self.score(sequence, top_logprobs=top_logprobs) for sequence in sequences]
 
     def next_token_logits(self, token_ids: Sequence[int]) -> Any:
         """Return the logits over the vocabulary at every position of ``token_ids`` as a

@@ -1,0 +1,114 @@
+"""Next-token selection over a logits vector, with numpy.
+
+Backends whose runtime hands back logits (ONNX Runtime, PyTorch, and GenAI when a request
+needs more than its built-in sampler) pick tokens here, so the OpenAI parameters mean the
+same thing on every backend.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import numpy as np
+
+from llmctl.runtime.base import SamplingParams, TokenLogprob
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Return ``log(softmax(logits))`` along the last axis, computed in float64."""
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def top_entries(logprobs: np.ndarray, count: int) -> list[tuple[int, float]]:
+    """Return the ``count`` most likely ``(token_id, logprob)`` pairs, most likely first."""
+    if count <= 0:
+        return []
+    count = min(count, logprobs.shape[-1])
+    candidates = np.argpartition(-logprobs, count - 1)[:count]
+    ordered = candidates[np.argsort(-logprobs[candidates], kind="stable")]
+    return [(int(token), float(logprobs[token])) for token in ordered]
+
+
+class Sampler:
+    """Pick tokens one at a time for one generation.
+
+    The order follows the OpenAI API and Hugging Face's logits processors: logit bias, then
+    presence and frequency penalties over the tokens generated so far, then temperature,
+    top-k and top-p. Reported log-probabilities come from the model's raw distribution
+    (before bias, penalties and temperature), as ``score`` returns them.
+
+    Args:
+        params: the decoding parameters.
+        vocab_size: the width of the logits vectors.
+        eos_token_ids: tokens masked out when ``params.ignore_eos`` is set.
+    """
+
+    def __init__(self, params: SamplingParams, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+        self.params = params
+        self.vocab_size = vocab_size
+        # A None seed draws fresh entropy from the OS, so unseeded requests differ.
+        self._rng = np.random.default_rng(params.seed)
+        self._counts: Counter[int] = Counter()
+
+        self._bias: np.ndarray | None = None
+        if params.logit_bias:
+            self._bias = np.zeros(vocab_size, dtype=np.float64)
+            for token_id, bias in params.logit_bias.items():
+                if 0 <= int(token_id) < vocab_size:
+                    self._bias[int(token_id)] = float(bias)
+        self._masked = [t for t in eos_token_ids if 0 <= t < vocab_size] if params.ignore_eos else []
+
+    def step(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
+        """Choose the next token from one position's logits.
+
+        Args:
+            logits: a ``(vocab,)`` array; a longer last axis (padded vocabularies) is cut.
+
+        Returns:
+            The token id and, when ``params.logprobs`` is set, its log-probability.
+        """
+        raw = np.asarray(logits, dtype=np.float64).reshape(-1)[: self.vocab_size]
+        token = self._choose(self._process(raw))
+        self._counts[token] += 1
+
+        logprob = None
+        if self.params.logprobs is not None:
+            distribution = log_softmax(raw)
+            logprob = TokenLogprob(token, float(distribution[token]), top_entries(distribution, self.params.logprobs))
+        return token, logprob
+
+    def _process(self, raw: np.ndarray) -> np.ndarray:
+        processed = raw.copy()
+        if self._bias is not None:
+            processed += self._bias
+        if self._counts and (self.params.presence_penalty or self.params.frequency_penalty):
+            tokens = np.fromiter(self._counts.keys(), dtype=np.int64)
+            counts = np.fromiter(self._counts.values(), dtype=np.float64)
+            processed[tokens] -= counts * self.params.frequency_penalty + self.params.presence_penalty
+        if self._masked:
+            processed[self._masked] = -np.inf
+        return processed
+
+    def _choose(self, processed: np.ndarray) -> int:
+        params = self.params
+        if params.temperature <= 0:
+            return int(np.argmax(processed))
+
+        scaled = processed / params.temperature
+        order = np.argsort(-scaled, kind="stable")
+        if 0 < params.top_k < order.size:
+            order = order[: params.top_k]
+        kept = scaled[order]
+        probs = np.exp(kept - kept[0])
+        probs /= probs.sum()
+        if params.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
+            cutoff = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
+            probs = probs[:cutoff] / probs[:cutoff].sum()
+            order = order[:cutoff]
+        cumulative = np.cumsum(probs)
+        index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
+        return int(order[min(index, order.size - 1)])
