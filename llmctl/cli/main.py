@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from llmctl import __version__
+from llmctl.cli import eval as eval_cli
 from llmctl.cli import profiles
 from llmctl.cli.errors import LlmctlGroup
 
@@ -20,6 +21,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(profiles.app, name="profiles")
+app.command("eval")(eval_cli.eval_command)
 
 
 def _print_version(value: bool) -> None:
