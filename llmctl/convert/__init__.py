@@ -1,0 +1,203 @@
+"""``convert``: a Hugging Face checkpoint, GGUF file or hub id to a validated ONNX artifact."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from llmctl.artifacts import Manifest, Source, Step, atomic_output, check_output_path, folder_bytes, now_iso, package_versions
+from llmctl.convert.exporters.base import Exporter, ExportResult
+from llmctl.convert.results import ConvertResult, checkpoint_fp32_bytes, parity_error
+from llmctl.convert.source import ResolvedSource, remove_gguf_copies, resolve_source
+from llmctl.errors import UnsupportedError, UsageError
+
+logger = logging.getLogger(__name__)
+
+EXPORTER_CHOICES = ("auto", "optimum", "genai")
+
+__all__ = ["ConvertResult", "convert", "select_exporter"]
+
+
+def select_exporter(name: str, source: ResolvedSource) -> Exporter:
+    """Return the exporter called ``name`` for ``source``; ``auto`` prefers the GenAI builder.
+
+    Raises:
+        UnsupportedError: no exporter (or not the requested one) handles the architecture.
+        UsageError: ``name`` is not a registered exporter.
+    """
+    from llmctl.registry import exporters
+
+    if name != "auto":
+        exporter = exporters.create(name)
+        reason = getattr(exporter, "unsupported_reason", lambda _: None)(source)
+        if reason:
+            raise UnsupportedError(reason, hint=f"use --exporter auto; the {name} exporter supports: {', '.join(exporter.supported_architectures())}")
+        if not exporter.supports(source):
+            raise UnsupportedError(
+                f"architecture {source.architecture or source.model_type or '(none)'} is not supported by the {name} exporter",
+                hint=f"use --exporter auto; the {name} exporter supports: {', '.join(exporter.supported_architectures())}",
+            )
+        return exporter
+
+    candidates = [exporters.create("genai"), exporters.create("optimum")]
+    for exporter in candidates:
+        if exporter.supports(source):
+            return exporter
+    supported = "; ".join(f"{e.name}: {', '.join(e.supported_architectures())}" for e in candidates)
+    raise UnsupportedError(
+        f"architecture {source.architecture or '(none)'} (model type {source.model_type or '(none)'}) is not supported by any exporter",
+        hint=f"supported architectures and model types are {supported}",
+    )
+
+
+def convert(
+    source: str,
+    out: Path,
+    *,
+    profile: Any,
+    exporter: str | None = "auto",
+    dtype: str | None = None,
+    force: bool = False,
+    keep_failed: bool = False,
+    validate: bool = True,
+) -> ConvertResult:
+    """Export SOURCE to an ONNX artifact folder and check it against the PyTorch model.
+
+    Args:
+        source: a checkpoint folder, a ``.gguf`` file or a hub id.
+        out: the artifact folder to write; it appears only when the step succeeded.
+        profile: the ``Profile`` whose recipe gives defaults and the parity tolerance.
+        exporter: ``auto``, ``optimum`` or ``genai``; None uses the profile's recipe.
+        dtype: ``fp32`` or ``fp16``; None uses the profile's recipe.
+        force: replace an existing ``out``.
+        keep_failed: keep an artifact that fails parity, with manifest status ``parity-failed``,
+            and return it instead of raising.
+        validate: run the parity check.
+
+    Returns:
+        The artifact's path, manifest and a JSON-ready summary.
+
+    Raises:
+        InputError: SOURCE is missing, incomplete or corrupt.
+        UnsupportedError: no exporter handles the architecture.
+        ConversionError: the export failed.
+        ParityError: the export drifted past ``profile.recipe.convert_tolerance``.
+    """
+    exporter_name = exporter or profile.recipe.exporter
+    if exporter_name not in EXPORTER_CHOICES:
+        from llmctl.registry import exporters
+
+        if exporter_name not in exporters.names():
+            raise UsageError(f"unknown exporter {exporter_name!r}", hint=f"choose one of: {', '.join(EXPORTER_CHOICES)}")
+    dtype = dtype or profile.recipe.dtype
+    out = Path(out)
+    check_output_path(out, force)
+    started_at, started = now_iso(), time.perf_counter()
+    durations: dict[str, float] = {}
+
+    with tempfile.TemporaryDirectory(prefix="llmctl-convert-") as scratch:
+        workdir = Path(scratch)
+        resolved = resolve_source(source, workdir)
+        durations["resolve_s"] = round(time.perf_counter() - started, 2)
+        chosen = select_exporter(exporter_name, resolved)
+
+        with atomic_output(out, force) as staging:
+            mark = time.perf_counter()
+            export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir)
+            removed = remove_gguf_copies(staging)
+            durations["export_s"] = round(time.perf_counter() - mark, 2)
+
+            parity = None
+            if validate:
+                mark = time.perf_counter()
+                parity = _check_parity(resolved.folder, staging, export.task, profile, threads=profile.runtime.threads)
+                durations["parity_s"] = round(time.perf_counter() - mark, 2)
+            durations["total_s"] = round(time.perf_counter() - started, 2)
+
+            summary = _summary(resolved, staging, chosen, export, dtype, parity, durations, removed)
+            status = "parity-failed" if parity and not parity["passed"] else "ok"
+            summary["status"] = status
+            manifest = Manifest(
+                created_at=started_at,
+                source=Source(kind=resolved.kind, location=resolved.location, weights=resolved.weights),
+                model=_model_info(resolved, export, chosen.name, dtype),
+                profile=profile.model_dump(mode="json"),
+                steps=[
+                    Step(
+                        name="convert", component=chosen.name,
+                        parameters={"exporter": exporter_name, "dtype": dtype, "task": export.task, **export.details},
+                        versions=package_versions(), started_at=started_at, duration_s=durations["total_s"],
+                        parity=parity, summary={k: v for k, v in summary.items() if k != "parity"},
+                    )
+                ],
+                status=status,
+            )
+            if status != "ok" and not keep_failed:
+                raise parity_error("convert", out, parity, "convert_tolerance")
+            manifest.write(staging)
+            summary["folder_bytes"] = folder_bytes(staging)
+
+    summary["path"] = str(out.resolve())
+    return ConvertResult(path=out.resolve(), manifest=manifest, summary=summary)
+
+
+def _check_parity(reference: Path, artifact: Path, task: str, profile: Any, *, threads: int) -> dict[str, Any]:
+    from llmctl.convert import parity
+
+    prompts = parity.sample_prompts(artifact)
+    tolerance = profile.recipe.convert_tolerance
+    onnx_file = parity.onnx_model_file(artifact)
+    logger.info("checking parity of %s against PyTorch", onnx_file.name)
+    if task != "text-generation-with-past":
+        return parity.compare_encoder(reference, onnx_file, prompts, tolerance).to_dict()
+    report = parity.compare(
+        parity.TorchCausalLM(reference, threads=threads), parity.OnnxCausalLM(onnx_file, threads=threads), prompts,
+        tolerance=tolerance, reference_name="pytorch-fp32", candidate_name=onnx_file.name,
+    )
+    return report.to_dict()
+
+
+def _model_info(resolved: ResolvedSource, export: ExportResult, exporter: str, dtype: str) -> dict[str, Any]:
+    config = resolved.config
+    text_config = config.get("text_config", {})
+    tied = config.get("tie_word_embeddings", text_config.get("tie_word_embeddings", True))
+    return {
+        "architecture": resolved.architecture,
+        "model_type": resolved.model_type,
+        "task": export.task,
+        "runtime": export.runtime,
+        "exporter": exporter,
+        "dtype": dtype,
+        "tied_embeddings": bool(tied),
+        "vocab_size": config.get("vocab_size", text_config.get("vocab_size")),
+        "num_hidden_layers": config.get("num_hidden_layers", text_config.get("num_hidden_layers")),
+        "onnx_file": "model.onnx",
+    }
+
+
+def _summary(
+    resolved: ResolvedSource, staging: Path, exporter: Exporter, export: ExportResult, dtype: str,
+    parity: dict[str, Any] | None, durations: dict[str, float], removed: list[str],
+) -> dict[str, Any]:
+    from llmctl.convert.onnx_files import weight_bytes
+
+    return {
+        "step": "convert",
+        "source": {"kind": resolved.kind, "location": resolved.location, "bytes": sum(w.bytes for w in resolved.weights)},
+        "architecture": resolved.architecture,
+        "exporter": exporter.name,
+        "runtime": export.runtime,
+        "task": export.task,
+        "dtype": dtype,
+        "sizes": {
+            "onnx_weight_bytes": weight_bytes(staging),
+            "checkpoint_fp32_bytes": checkpoint_fp32_bytes(resolved.folder),
+            "folder_bytes": folder_bytes(staging),
+        },
+        "removed_source_copies": removed,
+        "parity": parity,
+        "durations": durations,
+    }

@@ -1,0 +1,1 @@
+"""Exporters: a Hugging Face checkpoint folder in, an ONNX artifact folder out."""
