@@ -8,6 +8,8 @@ import typer
 
 from llmctl import __version__
 from llmctl.cli import eval as eval_cli
+from llmctl.cli import generate
+from llmctl.cli import pipeline
 from llmctl.cli import profiles
 from llmctl.cli.errors import LlmctlGroup
 
@@ -21,7 +23,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(profiles.app, name="profiles")
+app.add_typer(pipeline.app, name="pipeline")
 app.command("eval")(eval_cli.eval_command)
+app.command("generate")(generate.generate_command)
 
 
 def _print_version(value: bool) -> None:

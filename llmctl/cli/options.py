@@ -21,3 +21,11 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 OutputDirOpt = Annotated[
     Path, typer.Option("--output", "-o", help="Output folder; written atomically.", show_default=False)
 ]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        "-b",
+        help="Runtime backend: auto (from the model folder), genai, ort or torch.",
+    ),
+]
