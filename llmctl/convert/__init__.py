@@ -63,6 +63,7 @@ def convert(
     force: bool = False,
     keep_failed: bool = False,
     validate: bool = True,
+    gguf_fallback: str = "error",
 ) -> ConvertResult:
     """Export SOURCE to an ONNX artifact folder and check it against the PyTorch model.
 
@@ -71,11 +72,14 @@ def convert(
         out: the artifact folder to write; it appears only when the step succeeded.
         profile: the ``Profile`` whose recipe gives defaults and the parity tolerance.
         exporter: ``auto``, ``optimum`` or ``genai``; None uses the profile's recipe.
-        dtype: ``fp32`` or ``fp16``; None uses the profile's recipe.
+        dtype: ``fp32`` or ``fp16``; None uses the profile's recipe, except for a ``.gguf``
+            SOURCE, whose quantized blocks are then kept (``llmctl.gguf.transcode``).
         force: replace an existing ``out``.
         keep_failed: keep an artifact that fails parity, with manifest status ``parity-failed``,
             and return it instead of raising.
         validate: run the parity check.
+        gguf_fallback: for a kept GGUF quantization, ``error`` or ``requantize`` (a block type
+            or architecture that cannot be carried exactly is quantized again to Q8_0).
 
     Returns:
         The artifact's path, manifest and a JSON-ready summary.
@@ -92,6 +96,10 @@ def convert(
 
         if exporter_name not in exporters.names():
             raise UsageError(f"unknown exporter {exporter_name!r}", hint=f"choose one of: {', '.join(EXPORTER_CHOICES)}")
+    keep_gguf = dtype is None and str(source).lower().endswith(".gguf")
+    if keep_gguf:
+        exporter_name = _check_gguf_transcode(Path(source), exporter_name, gguf_fallback)
+        dtype = "fp32"  # the builder's float graph, whose MatMuls then take the GGUF blocks
     dtype = dtype or profile.recipe.dtype
     out = Path(out)
     check_output_path(out, force)
@@ -109,6 +117,13 @@ def convert(
             export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir)
             removed = remove_gguf_copies(staging)
             durations["export_s"] = round(time.perf_counter() - mark, 2)
+            transcoded = None
+            if keep_gguf:
+                from llmctl.gguf.transcode import transcode
+
+                mark = time.perf_counter()
+                transcoded = transcode(staging, Path(source), fallback=gguf_fallback)
+                durations["transcode_s"] = round(time.perf_counter() - mark, 2)
 
             parity = None
             if validate:
@@ -120,10 +135,17 @@ def convert(
             summary = _summary(resolved, staging, chosen, export, dtype, parity, durations, removed)
             status = "parity-failed" if parity and not parity["passed"] else "ok"
             summary["status"] = status
+            step_extra = {}
+            if transcoded is not None:
+                from llmctl.gguf.transcode import summarize
+
+                summary["dtype"] = "gguf"
+                summary["gguf"] = summarize(transcoded)
+                step_extra["gguf_tensors"] = transcoded.to_dict()["tensors"]
             manifest = Manifest(
                 created_at=started_at,
                 source=Source(kind=resolved.kind, location=resolved.location, weights=resolved.weights),
-                model=_model_info(resolved, export, chosen.name, dtype),
+                model=_model_info(resolved, export, chosen.name, "gguf" if keep_gguf else dtype),
                 profile=profile.model_dump(mode="json"),
                 steps=[
                     Step(
@@ -131,6 +153,7 @@ def convert(
                         parameters={"exporter": exporter_name, "dtype": dtype, "task": export.task, **export.details},
                         versions=package_versions(), started_at=started_at, duration_s=durations["total_s"],
                         parity=parity, summary={k: v for k, v in summary.items() if k != "parity"},
+                        **step_extra,
                     )
                 ],
                 status=status,
@@ -142,6 +165,24 @@ def convert(
 
     summary["path"] = str(out.resolve())
     return ConvertResult(path=out.resolve(), manifest=manifest, summary=summary)
+
+
+def _check_gguf_transcode(path: Path, exporter_name: str, fallback: str) -> str:
+    """Check that a GGUF file's blocks can be kept, before any export work; return the exporter.
+
+    Raises:
+        UsageError: an exporter other than the GenAI builder was requested.
+        UnsupportedError: an architecture or block type that cannot be carried over.
+    """
+    from llmctl.gguf.transcode import check_transcodable
+
+    if exporter_name not in ("auto", "genai"):
+        raise UsageError(
+            f"keeping a GGUF file's quantization needs the genai exporter, not {exporter_name!r}",
+            hint="use --exporter genai, or pass --dtype fp32 to dequantize",
+        )
+    check_transcodable(path, fallback)
+    return "genai"
 
 
 def _check_parity(reference: Path, artifact: Path, task: str, profile: Any, *, threads: int) -> dict[str, Any]:

@@ -148,6 +148,37 @@ def transcode(
     return report
 
 
+def check_transcodable(gguf_path: Path, fallback: str = "error") -> str:
+    """Check, before any export work, that a GGUF file's quantization can be carried over.
+
+    Args:
+        gguf_path: the GGUF file.
+        fallback: ``"error"`` or ``"requantize"``, as for ``transcode``.
+
+    Returns:
+        The file's GGUF architecture.
+
+    Raises:
+        UsageError: an unknown fallback.
+        InputError: the file is missing, truncated or corrupt.
+        UnsupportedError: with ``fallback="error"``, an architecture without a name mapping or
+            a block type that cannot be carried exactly.
+    """
+    if fallback not in FALLBACKS:
+        raise UsageError(f"unknown GGUF fallback {fallback!r}", hint=f"choose one of: {', '.join(FALLBACKS)}")
+    gguf_file = read_gguf(gguf_path)
+    if _architecture_or_none(gguf_file.architecture, fallback) is not None:
+        _check_block_types(gguf_file, fallback)
+    return gguf_file.architecture
+
+
+def summarize(report: TranscodeReport) -> dict[str, Any]:
+    """Return the totals of a report for a convert summary (the per-tensor list left out)."""
+    summary = report.to_dict()
+    summary.pop("tensors")
+    return summary
+
+
 def _architecture_or_none(architecture: str, fallback: str) -> names.ArchitectureSpec | None:
     try:
         return names.architecture_spec(architecture)
