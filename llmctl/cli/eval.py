@@ -57,7 +57,9 @@ def eval_command(
     ] = None,
     backend: Annotated[str, typer.Option("--backend", help="Runtime backend: auto, genai, ort or torch.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences scored per model call.")] = 1,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="Intra-op threads; 0 lets the runtime choose.")] = 0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=0, help="Intra-op threads; 0 lets the runtime choose; default: the profile's.")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the results JSON here.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML here: one test case per gate.")] = None,
     markdown: Annotated[

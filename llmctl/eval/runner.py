@@ -37,7 +37,7 @@ class EvalOptions:
     seed: int = 0
     backend: str = "auto"
     batch_size: int = 1
-    threads: int = 0
+    threads: int | None = None  # None: the profile's thread count
     output: Path | None = None
     junit: Path | None = None
     markdown: Path | None = None
@@ -90,38 +90,17 @@ def model_files_digest(folder: Path) -> dict[str, Any]:
     return {"sha256": combined, "files": files}
 
 
-def open_local_target(path: Path, backend: str, *, threads: int, batch_size: int) -> Any:
-    """Load a model folder through a runtime backend.
+def open_local_target(path: Path, backend: str, *, profile: Any, threads: int | None, batch_size: int) -> Any:
+    """Load a model folder through a runtime backend chosen by ``llmctl.runtime.open_backend``.
 
     Raises:
-        InputError: the folder does not exist.
-        UsageError: no backend can load it.
+        InputError, UnsupportedError: the folder is missing or no backend can run it.
+        RuntimeBackendError: the runtime failed to load the model.
     """
     from llmctl.eval.target import LocalTarget
+    from llmctl.runtime import open_backend
 
-    if not path.exists():
-        raise InputError(f"model folder {path} not found", hint="pass an artifact folder or a Hugging Face folder")
-    return LocalTarget(_open_backend(path, backend, threads), batch_size=batch_size)
-
-
-def _open_backend(path: Path, name: str, threads: int) -> Any:
-    import llmctl.runtime as runtime
-
-    open_backend = getattr(runtime, "open_backend", None)
-    if open_backend is not None:
-        return open_backend(path, backend=name, threads=threads)
-
-    # NOTE: fallback for a runtime package without open_backend: first registered backend that can load the folder.
-    from llmctl.registry import backends
-
-    names = backends.names() if name == "auto" else [name]
-    for candidate in names:
-        factory = backends.get(candidate)
-        if name != "auto" or factory.can_load(path):
-            instance = factory(path, threads=threads)
-            instance.load()
-            return instance
-    raise UsageError(f"no runtime backend can load {path}", hint="pass an artifact folder or a Hugging Face folder")
+    return LocalTarget(open_backend(path, backend, profile=profile, threads=threads), batch_size=batch_size)
 
 
 def _describe_target(options: EvalOptions, target: Any) -> dict[str, Any]:
@@ -190,11 +169,13 @@ def run_eval(options: EvalOptions, progress: Progress | None = None) -> EvalRun:
     if options.reference is not None and not options.reference.exists():
         raise InputError(f"reference folder {options.reference} not found", hint="pass the unquantized model's folder to --reference")
 
-    target = _open_target(options)
+    target = _open_target(options, profile)
     reference = None
     try:
         if options.reference is not None:
-            reference = open_local_target(options.reference, "auto", threads=options.threads, batch_size=options.batch_size)
+            reference = open_local_target(
+                options.reference, "auto", profile=profile, threads=options.threads, batch_size=options.batch_size
+            )
         context = EvalContext(
             target=target, suite_file=suite_file, seed=options.seed, limit=options.limit, reference=reference,
             progress=progress or NoProgress(), profile=_profile_summary(profile),
@@ -212,13 +193,15 @@ def run_eval(options: EvalOptions, progress: Progress | None = None) -> EvalRun:
     return EvalRun(document)
 
 
-def _open_target(options: EvalOptions) -> Any:
+def _open_target(options: EvalOptions, profile: Any) -> Any:
     if options.url:
         from llmctl.eval.client import HttpTarget
 
         return HttpTarget(options.url, api_key=options.api_key, model=options.model_name, timeout_s=options.timeout_s)
     assert options.target is not None
-    return open_local_target(options.target, options.backend, threads=options.threads, batch_size=options.batch_size)
+    return open_local_target(
+        options.target, options.backend, profile=profile, threads=options.threads, batch_size=options.batch_size
+    )
 
 
 def _document(
