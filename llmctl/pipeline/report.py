@@ -38,12 +38,20 @@ COLUMNS = (
     ("tps", "decode tok/s"),
     ("ttft", "TTFT ms"),
     ("usd", "$ / M tokens"),
+    ("est_tps", "est. tok/s"),
     ("gates", "gates"),
 )
 
 
-def _number(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}g}"
+def _number(value: float | None) -> str:
+    """Format a figure with three significant digits and no exponent for large values."""
+    if value is None:
+        return "–"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
 
 
 def _megabytes(count: int) -> str:
@@ -58,11 +66,12 @@ def card_row(variant: VariantOutcome) -> dict[str, str]:
         "size": _megabytes(variant.size_bytes),
         "kl": _number(m.get("kl_mean")),
         "top1": _number(m.get("top1_agreement")),
-        "ppl": _number(m.get("perplexity"), 4),
+        "ppl": _number(m.get("perplexity")),
         "acc": _number(m.get("accuracy_mean")),
-        "tps": _number(m.get("decode_tps"), 4),
-        "ttft": _number(m.get("ttft_ms"), 4),
+        "tps": _number(m.get("decode_tps")),
+        "ttft": _number(m.get("ttft_ms")),
         "usd": _number(variant.usd_per_million_tokens),
+        "est_tps": _number(variant.estimated_tokens_per_second),
         "gates": "error" if variant.error else f"{passed}/{len(variant.gates)}",
     }
 
@@ -98,8 +107,9 @@ def render_markdown(result: PipelineResult) -> str:
     lines += ["", "## Steps", ""]
     for step in result.steps:
         lines.append(f"- {step.step}: {step.status}, {step.duration_s:.1f} s")
-    lines += ["", f"Total {result.duration_s:.1f} s. Sizes are artifact folders; speed was measured on this machine; "
-              "dollars are the cost model's estimate for the profile's hardware.", ""]
+    lines += ["", f"Total {result.duration_s:.1f} s. Sizes are artifact folders; decode tok/s and TTFT were "
+              "measured on this machine; dollars and est. tok/s are the cost model's estimates for "
+              f"{plan.profile.hardware.name}.", ""]
     return "\n".join(lines)
 
 
@@ -151,7 +161,7 @@ def render_chart(result: PipelineResult) -> bytes:
 HTML_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #1f2328; }
 table { border-collapse: collapse; margin: 1rem 0; }
-th, td { border: 1px solid #d0d7de; padding: 0.3rem 0.6rem; text-align: right; }
+th, td { border: 1px solid #d0d7de; padding: 0.3rem 0.6rem; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
 tr.passed td:last-child { color: #1a7f37; font-weight: bold; }
 tr.failed td:last-child { color: #cf222e; font-weight: bold; }
@@ -209,8 +219,8 @@ def render_html(result: PipelineResult, chart_png: bytes) -> str:
 <img id="{CHART_ID}" alt="quality against size and decode speed" src="data:image/png;base64,{image}"
  onload="this.dataset.rendered = String(this.naturalWidth)">
 </figure>
-<p>Sizes are artifact folders; speed was measured on this machine; dollars are the cost model's
-estimate for the profile's hardware ({escape(plan.profile.hardware.name)}).</p>
+<p>Sizes are artifact folders; decode tok/s and TTFT were measured on this machine; dollars and
+est. tok/s are the cost model's estimates for {escape(plan.profile.hardware.name)}.</p>
 </body>
 </html>
 """
