@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from llmctl import __version__
+from llmctl.cli import cost
 from llmctl.cli import eval as eval_cli
 from llmctl.cli import generate
 from llmctl.cli import pipeline
@@ -26,6 +27,7 @@ app.add_typer(profiles.app, name="profiles")
 app.add_typer(pipeline.app, name="pipeline")
 app.command("eval")(eval_cli.eval_command)
 app.command("generate")(generate.generate_command)
+app.command("cost-estimate")(cost.cost_estimate)
 
 
 def _print_version(value: bool) -> None:

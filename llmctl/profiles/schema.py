@@ -42,7 +42,10 @@ class Hardware(Strict):
     isa: list[IsaFeature] = Field(default_factory=list, description="host CPU instruction-set features")
     cores: PositiveInt = Field(description="CPU cores (vCPUs) available to the runtime")
     memory_gb: PositiveFloat = Field(description="memory the model may use: host RAM for CPUs, device memory for GPUs")
-    memory_bandwidth_gbps: PositiveFloat = Field(description="sustained memory bandwidth in GB/s")
+    memory_bandwidth_gbps: PositiveFloat = Field(
+        description="memory bandwidth in GB/s: the data sheet's peak for a catalogue target, measured for a "
+        "detected one; cost_model.decode_efficiency scales it"
+    )
     peak_tflops: dict[Dtype, PositiveFloat] = Field(
         description="dense peak throughput per dtype in TFLOPS (TOPS for int8/int4)"
     )
@@ -156,6 +159,8 @@ class Workload(Strict):
     concurrency: PositiveInt = 1
     context: PositiveInt | None = Field(None, description="KV-cache length per sequence; None is prompt + output")
     kv_cache_dtype: Literal["fp32", "fp16", "bf16", "int8"] = "fp16"
+    max_ttft_ms: PositiveFloat | None = Field(None, description="latency target: time to first token in ms")
+    min_tokens_per_second: PositiveFloat | None = Field(None, description="latency target: tokens/s per stream")
 
 
 class CostModel(Strict):
@@ -164,6 +169,7 @@ class CostModel(Strict):
     prefill_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.5
     decode_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.6
     runtime_overhead_gb: Annotated[float, Field(ge=0)] = 0.5
+    calibrated_from: str | None = Field(None, description="measurement the efficiency factors were fitted to")
 
 
 class Profile(Strict):
