@@ -77,3 +77,34 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip(f"evaluation data not found at {SHARED_DATASETS}")
     return SHARED_DATASETS
+
+
+def _convert_tiny(source: Path, out: Path, exporter: str) -> Path:
+    from llmctl.convert import convert
+    from llmctl.profiles import load_profile
+
+    convert(str(source), out, profile=load_profile(None), exporter=exporter, dtype="fp32", validate=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_genai(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama`` converted to fp32 by the GenAI model builder (runs on every backend but torch)."""
+    return _convert_tiny(tiny_llama, tmp_path_factory.mktemp("tiny-llama-genai") / "artifact", "genai")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_ort(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama`` exported to fp32 by optimum (no genai_config.json)."""
+    return _convert_tiny(tiny_llama, tmp_path_factory.mktemp("tiny-llama-ort") / "artifact", "optimum")
+
+
+@pytest.fixture(scope="session")
+def smollm2_genai_fp32(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF by the GenAI builder, fp32, unvalidated."""
+    from llmctl.convert import convert
+    from llmctl.profiles import load_profile
+
+    out = tmp_path_factory.mktemp("smollm2-genai") / "artifact"
+    convert(str(smollm2_gguf), out, profile=load_profile(None), exporter="genai", dtype="fp32", validate=False)
+    return out
