@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -71,3 +72,55 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Profile YAML file
         raise problems[0]
     if problems:
         raise ProfileError("\n".join(p.message for p in problems))
+
+
+@app.command("detect")
+def detect(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the profile to this YAML file instead of stdout.",
+                                  show_default=False)
+    ] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Profile name; default detected-<host>.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Measure this machine (cores, memory, ISA flags, memory bandwidth, fp32 peak) and write a profile."""
+    import yaml
+
+    from llmctl.cli.output import stderr
+    from llmctl.errors import OutputExistsError, UsageError
+    from llmctl.profiles.detect import detect_profile
+
+    if name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
+        raise UsageError(f"--name {name!r} is not a valid profile name", hint="use lower-case letters, digits, '.', '_' or '-'")
+    if output is not None and output.exists() and not force:
+        raise OutputExistsError(f"{output} already exists", hint="pass --force to replace it")
+    with stderr.status("measuring memory bandwidth and fp32 peak"):
+        profile, measured = detect_profile(name)
+    text = "# Written by llmctl profiles detect. The bandwidth and fp32 peak are measured.\n" + yaml.safe_dump(
+        profile.model_dump(mode="json", exclude_none=True), sort_keys=False
+    )
+    if output is None:
+        print(text, end="")
+        return
+    _write_text_atomically(output, text)
+    stderr.print(
+        f"wrote {output}: {profile.hardware.cores} cores, {profile.hardware.memory_gb:g} GB, "
+        f"{measured.read_bandwidth_gbps:.1f} GB/s read, {measured.fp32_tflops:.3f} TFLOPS fp32",
+        highlight=False,
+    )
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Write through a temporary sibling and rename it, so the file is never half-written."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

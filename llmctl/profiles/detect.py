@@ -130,6 +130,19 @@ def measure(threads: int, *, repeats: int = 5) -> Measurements:
     return Measurements(parallel, single, tflops, time.perf_counter() - started)
 
 
+def int8_speedup(isa: list[str]) -> float:
+    """Return the int8 dot-product rate relative to fp32 FMA that the ISA allows.
+
+    VNNI (x86) and sdot/i8mm (arm64) do four int8 multiply-adds per fp32 lane; plain AVX2
+    needs two instructions (vpmaddubsw, vpmaddwd) for the same, so about twice fp32.
+    """
+    if {"avx512_vnni", "avx_vnni", "asimddp", "i8mm"} & set(isa):
+        return 4.0
+    if "avx2" in isa:
+        return 2.0
+    return 1.0
+
+
 def detect_profile(name: str | None = None, *, repeats: int = 5) -> tuple[Profile, Measurements]:
     """Build a validated CPU profile for this machine.
 
@@ -156,12 +169,14 @@ def detect_profile(name: str | None = None, *, repeats: int = 5) -> tuple[Profil
             "kind": "cpu", "name": model, "arch": arch, "isa": isa, "cores": cores,
             "memory_gb": round(total_memory_gb(), 2),
             "memory_bandwidth_gbps": round(measured.read_bandwidth_gbps, 2),
-            "peak_tflops": {"fp32": round(measured.fp32_tflops, 4)},
+            "peak_tflops": {"fp32": round(measured.fp32_tflops, 4),
+                            "int8": round(measured.fp32_tflops * int8_speedup(isa), 4)},
             "sources": [
                 f"llmctl {__version__} profiles detect, {today}: read bandwidth best of {repeats} numpy sums of "
                 f"{BANDWIDTH_ARRAY_BYTES // 2**20} MiB over {cores} threads "
                 f"({measured.read_bandwidth_one_thread_gbps:.1f} GB/s on one thread)",
-                f"fp32 peak: best of {repeats} numpy float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmuls",
+                f"fp32 peak: best of {repeats} numpy float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmuls; "
+                f"int8 peak not measured: {int8_speedup(isa):g} x fp32 from the ISA flags",
             ],
         },
         "runtime": {"execution_provider": "cpu", "threads": 0},
