@@ -140,16 +140,11 @@ class Suite(Strict):
     gates: list[str] = Field(default_factory=list, description="gate expressions such as 'hellaswag.acc >= 0.35'")
 
     @model_validator(mode="after")
-    def _check_names_and_gates(self) -> Suite:
+    def _unique_task_names(self) -> Suite:
         names = [task.name for task in self.tasks]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"task names must be unique; repeated: {', '.join(duplicates)}")
-
-        from llmctl.eval.gates import parse_gate
-
-        for expression in self.gates:
-            parse_gate(expression, self.metric_names())
         return self
 
     def metric_names(self) -> list[str]:
@@ -192,10 +187,18 @@ def load_suite(name_or_path: str | Path) -> tuple[Suite, Path]:
     if not candidate.is_file():
         raise InputError(f"suite file {candidate} not found", hint="check the path given to --suite")
     try:
-        suite = load_yaml_model(candidate, Suite)
+        suite: Suite = load_yaml_model(candidate, Suite)  # type: ignore[assignment]
     except ProfileError as error:
         raise InputError(error.message, hint=error.hint) from error
-    return suite, candidate  # type: ignore[return-value]
+
+    from llmctl.eval.gates import parse_gate
+
+    for index, expression in enumerate(suite.gates):
+        try:
+            parse_gate(expression, suite.metric_names())
+        except InputError as error:
+            raise InputError(f"{candidate}: gates.{index}: {error.message}", hint=error.hint) from None
+    return suite, candidate
 
 
 def default_datasets_dir() -> Path:

@@ -70,13 +70,8 @@ def run(task: MultipleChoiceTask, context: EvalContext) -> TaskResult:
 
     acc, acc_norm = score_examples(lls_per_example, examples)
     metrics = {"acc": proportion_entry(acc), "acc_norm": proportion_entry(acc_norm)}
-    dataset = dataset_entry(path, records=len(records), used=len(examples), indices_sha256=_indices_digest(indices))
+    dataset = dataset_entry(path, records=len(records), used=len(examples), indices=indices)
     details = {"format": task.format, "choices_scored": len(requests)}
     return TaskResult(task.name, task.type, metrics=metrics, dataset=dataset, details=details,
                       duration_s=time.perf_counter() - started)
 
-
-def _indices_digest(indices: list[int]) -> str:
-    import hashlib
-
-    return hashlib.sha256(",".join(map(str, indices)).encode()).hexdigest()
