@@ -15,7 +15,16 @@ from typing import Any
 from llmctl.artifacts import atomic_output, folder_bytes, package_versions
 from llmctl.errors import LlmctlError, ProfileError, UsageError
 from llmctl.pipeline.cache import StepCache, locked
-from llmctl.pipeline.plan import Plan, PlannedStep, PlannedVariant, build_plan, check_source
+from llmctl.pipeline.plan import (
+    Plan,
+    PlannedStep,
+    PlannedVariant,
+    build_plan,
+    check_select_rule,
+    check_source,
+    narrow_variants,
+    profile_variants,
+)
 from llmctl.pipeline.preflight import Preflight, run_preflight
 from llmctl.pipeline.select import select_variant
 from llmctl.profiles.schema import Profile
@@ -232,6 +241,9 @@ def plan_pipeline(
         raise UsageError(f"output path {out} is a file", hint="choose a folder path for -o/--output")
     if not profile.eval.suite:
         raise ProfileError(f"profile {profile.name!r} names no eval.suite", hint="set eval.suite, e.g. quick")
+    # Option mistakes are reported before any input is read or hashed.
+    check_select_rule(select or profile.recipe.select)
+    narrow_variants(profile_variants(profile), variants, profile.name)
 
     # A dry run writes nothing, not even the memo of input hashes.
     cache = StepCache(out / CACHE_DIR, persist=not dry_run)
@@ -302,6 +314,8 @@ def _run_quantize(plan: Plan, variant: PlannedVariant, model_dir: Path, out: Pat
         accuracy_level=q.accuracy_level,
         symmetric=q.symmetric,
         mode=q.mode,
+        algorithm=q.algorithm,
+        per_channel=q.per_channel,
     )
     return {"summary": _plain(getattr(result, "summary", None))}
 
