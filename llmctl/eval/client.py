@@ -112,9 +112,13 @@ class HttpTarget:
     # --- log-likelihood ---------------------------------------------------------------
 
     def _echo_logprobs(self, prompt: str) -> tuple[list[float | None], list[int]]:
-        """Return the log-probability and character offset of each prompt token."""
+        """Return the log-probability and character offset of each prompt token.
+
+        ``max_tokens: 0`` with ``echo`` asks for the prompt's log-probabilities alone, as the
+        OpenAI completions API defined it.
+        """
         body = self._request("POST", "/completions", {
-            "model": self.model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 0,
+            "model": self.model, "prompt": prompt, "max_tokens": 0, "temperature": 0, "echo": True, "logprobs": 0,
         })
         try:
             logprobs = body["choices"][0]["logprobs"]
@@ -123,9 +127,7 @@ class HttpTarget:
             raise InputError("the server's completion has no logprobs.token_logprobs and text_offset", hint="the server must support echo with logprobs") from None
         if not isinstance(values, list) or not isinstance(offsets, list) or len(values) != len(offsets):
             raise InputError("the server returned token_logprobs and text_offset of different lengths")
-        # The one generated token follows the prompt: keep only the echoed prompt tokens.
-        kept = [i for i, offset in enumerate(offsets) if offset < len(prompt)]
-        return [values[i] for i in kept], [offsets[i] for i in kept]
+        return values, offsets
 
     def loglikelihood_unsupported(self) -> str | None:
         """Probe once whether the server returns prompt log-probabilities; return why not, or None."""
@@ -146,14 +148,23 @@ class HttpTarget:
     def loglikelihoods(self, requests: Sequence[tuple[str, str]], advance: Advance | None = None) -> list[float]:
         """Return the summed log-probability of each continuation given its context.
 
-        NOTE: the server tokenizes the joined text, and a token that starts inside the context
-        counts as context. With lm-evaluation-harness's pairing (the continuation starts with a
-        space) token boundaries fall at the join for the usual BPE tokenizers.
+        The pair is split as lm-evaluation-harness splits it: trailing spaces of the context
+        move to the continuation, the joined text is tokenized once (by the server), and the
+        continuation is every token after as many tokens as the context alone has.
         """
+        context_lengths: dict[str, int] = {}
         totals = []
         for context, continuation in requests:
-            values, offsets = self._echo_logprobs(context + continuation)
-            picked = [v for v, offset in zip(values, offsets, strict=True) if offset >= len(context)]
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            if context not in context_lengths:
+                context_lengths[context] = len(self._echo_logprobs(context)[0])
+            skip = context_lengths[context]
+            if skip == 0:
+                raise InputError("a multiple-choice context is empty", hint="give every question some context text")
+            values, _ = self._echo_logprobs(context + continuation)
+            picked = values[skip:]
             if not picked or any(v is None for v in picked):
                 raise InputError(f"the server returned no log-probability for the continuation {continuation!r}")
             totals.append(float(sum(picked)))  # type: ignore[arg-type]
