@@ -108,8 +108,8 @@ def calibrate_profile(
     """Replace ``profile``'s efficiency factors with those that reproduce ``measurement``.
 
     The measured run is re-estimated with the same prompt and output lengths and one stream.
-    Each factor is scaled by measured / estimated for the bound that limits it (decode by
-    memory bandwidth, prefill by compute); a factor that would pass 1 is capped at 1 and
+    Each factor is refitted for the bound that limits it (decode by memory bandwidth, prefill
+    by compute), keeping ``step_overhead_ms`` fixed; a factor that would pass 1 is capped at 1 and
     reported, since then the profile's bandwidth or peak is too low.
 
     Returns:
@@ -127,15 +127,18 @@ def calibrate_profile(
     cm = profile.cost_model
     prefill_eff, decode_eff, notes = cm.prefill_efficiency, cm.decode_efficiency, []
 
+    overhead = cm.step_overhead_ms / 1e3
     estimated_prefill = workload.prompt_tokens / (before.ttft_ms / 1000.0)
     if measurement.prefill_tps:
-        prefill_eff, note = _scaled(prefill_eff, measurement.prefill_tps / estimated_prefill, "prefill_efficiency")
+        prefill_eff, note = _refit(prefill_eff, before.ttft_ms / 1e3, workload.prompt_tokens / measurement.prefill_tps,
+                                   overhead, "prefill_efficiency")
         notes += note
-    ratio = measurement.decode_tps / before.tokens_per_second_per_stream
+    measured_step, estimated_step = 1.0 / measurement.decode_tps, before.tpot_ms / 1e3
     if before.decode_bound == "memory":
-        decode_eff, note = _scaled(decode_eff, ratio, "decode_efficiency")
+        decode_eff, note = _refit(decode_eff, estimated_step, measured_step, overhead, "decode_efficiency")
     else:
-        prefill_eff, note = _scaled(prefill_eff, ratio, "prefill_efficiency (decode is compute-bound)")
+        prefill_eff, note = _refit(prefill_eff, estimated_step, measured_step, overhead,
+                                   "prefill_efficiency (decode is compute-bound)")
     notes += note
 
     calibrated = profile.model_copy(update={"cost_model": cm.model_copy(update={
@@ -157,8 +160,15 @@ def calibrate_profile(
     return calibrated, record
 
 
-def _scaled(current: float, ratio: float, name: str) -> tuple[float, list[str]]:
-    value = current * ratio
+def _refit(efficiency: float, estimated_s: float, measured_s: float, overhead_s: float, name: str) -> tuple[float, list[str]]:
+    """Return the efficiency that turns ``estimated_s`` into ``measured_s``, the fixed overhead kept.
+
+    The bound's time is inversely proportional to its efficiency, so
+    new = old x (estimated - overhead) / (measured - overhead), capped at 1.
+    """
+    if measured_s <= overhead_s:
+        return 1.0, [f"{name}: the measured step is shorter than cost_model.step_overhead_ms; lower it"]
+    value = efficiency * (estimated_s - overhead_s) / (measured_s - overhead_s)
     if value > 1.0:
         return 1.0, [f"{name} would be {value:.2f} > 1: the profile's peak or bandwidth is below what was measured"]
     return value, []

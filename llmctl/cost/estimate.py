@@ -255,7 +255,7 @@ class SpeedModel:
         cm = self.profile.cost_model
         compute = prompt * self.flops_per_token(prompt / 2) / (self.peak_flops * cm.prefill_efficiency)
         memory = self.weight_bytes * self.stats.decode_read_fraction(1) / (self.bandwidth * cm.decode_efficiency)
-        return max(compute, memory)
+        return max(compute, memory) + cm.step_overhead_ms / 1e3
 
     def decode_step(self, batch: int) -> tuple[float, str]:
         """Seconds of one decode step for ``batch`` streams and which bound sets it."""
@@ -265,7 +265,8 @@ class SpeedModel:
         weights_read = self.weight_bytes * self.stats.decode_read_fraction(batch)
         memory = (weights_read + kv_read) / (self.bandwidth * cm.decode_efficiency)
         compute = batch * self.flops_per_token(context) / (self.peak_flops * cm.prefill_efficiency)
-        return (memory, "memory") if memory >= compute else (compute, "compute")
+        overhead = cm.step_overhead_ms / 1e3
+        return (memory + overhead, "memory") if memory >= compute else (compute + overhead, "compute")
 
     def request_seconds(self, batch: int) -> float:
         """Wall time of one request: prefill, then its output tokens at the batch's step time."""
@@ -375,6 +376,7 @@ def _assumptions(stats: ModelStats, profile: Profile, workload: WorkloadSpec, ch
                      "bytes_per_token_sliding_layers": stats.kv_bytes_per_token(workload.kv_cache_dtype, sliding=True)},
         "efficiency": {"prefill_and_compute": cm.prefill_efficiency, "decode_bandwidth": cm.decode_efficiency},
         "runtime_overhead_gb": cm.runtime_overhead_gb,
+        "step_overhead_ms": cm.step_overhead_ms,
         "peak_tflops": profile.hardware.peak_tflops.get(choice["compute_dtype"]),
         "memory_bandwidth_gbps": profile.hardware.memory_bandwidth_gbps,
         "hours_per_month": HOURS_PER_MONTH,

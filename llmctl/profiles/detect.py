@@ -183,7 +183,8 @@ def detect_profile(name: str | None = None, *, repeats: int = 5) -> tuple[Profil
         "recipe": {"exporter": "auto", "dtype": "fp32",
                    "quantization": {"method": "int4", "block_size": 32, "symmetric": True, "accuracy_level": 4}},
         "workload": {"prompt_tokens": 512, "output_tokens": 128, "concurrency": 1, "kv_cache_dtype": "fp32"},
-        "cost_model": {"prefill_efficiency": 0.3, "decode_efficiency": 0.6, "runtime_overhead_gb": 0.5},
+        "cost_model": {"prefill_efficiency": 0.3, "decode_efficiency": 0.6, "runtime_overhead_gb": 0.5,
+                       "step_overhead_ms": 3.0},
     }
     logger.info("detected %s: %.1f GB/s read, %.3f TFLOPS fp32 in %.1f s", name,
                 measured.read_bandwidth_gbps, measured.fp32_tflops, measured.seconds)

@@ -169,6 +169,9 @@ class CostModel(Strict):
     prefill_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.5
     decode_efficiency: Annotated[float, Field(gt=0, le=1)] = 0.6
     runtime_overhead_gb: Annotated[float, Field(ge=0)] = 0.5
+    step_overhead_ms: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="fixed time per forward pass (dispatch, sampling, kernel launches), added to each step"
+    )
     calibrated_from: str | None = Field(None, description="measurement the efficiency factors were fitted to")
 
 
