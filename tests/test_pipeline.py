@@ -324,3 +324,16 @@ def test_html_report_renders_in_chromium(first_run, tmp_path):
         capture_output=True, timeout=120, check=True,
     )
     assert screenshot.stat().st_size > 10_000
+
+
+def test_generate_uses_selected_variant(first_run):
+    result, _, _ = first_run
+    from llmctl.runtime import open_backend
+
+    backend = open_backend(result.plan.out)
+    try:
+        assert backend.model_path.resolve() == (result.plan.out / "variants" / result.selected).resolve()
+    finally:
+        backend.close()
+    outcome = CliRunner().invoke(app, ["generate", str(result.plan.out), "The capital of France", "--max-tokens", "2"])
+    assert outcome.exit_code == 0, outcome.output

@@ -104,7 +104,8 @@ def open_backend(
     """Create the backend for ``model_path`` and load it.
 
     Args:
-        model_path: an artifact folder, or a Hugging Face folder for the torch backend.
+        model_path: an artifact folder, a Hugging Face folder for the torch backend, or a
+            ``llmctl pipeline run`` output folder, which means its selected variant.
         backend: "auto", "genai", "ort", "torch" or a plugin's name.
         profile: a loaded profile, a built-in name or a profile file; it supplies the
             execution provider and the thread count. None uses the default profile.
@@ -119,10 +120,12 @@ def open_backend(
         ProfileError: the profile does not exist or does not validate.
         RuntimeBackendError: the runtime failed to load the model.
     """
+    from llmctl.pipeline import resolve_model_dir
     from llmctl.profiles.loader import load_profile
     from llmctl.registry import backends
 
-    folder = Path(model_path)
+    # A pipeline output folder stands for the variant it selected.
+    folder = resolve_model_dir(model_path)
     name = select_backend_name(folder, backend)
     if profile is None or isinstance(profile, (str, Path)):
         profile = load_profile(profile)
