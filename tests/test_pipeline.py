@@ -39,7 +39,7 @@ def suite_file(tmp_path_factory) -> Path:
             {"name": "parity", "type": "parity", "samples": 2, "length": 16, "greedy_tokens": 4},
             {"name": "speed", "type": "speed", "prompt_tokens": 8, "output_tokens": 4, "repeats": 1},
         ],
-        "gates": ["parity.top1_agreement >= 0.2"],
+        "gates": ["parity.top1_agreement >= 0.05"],
     }
     path = tmp_path_factory.mktemp("suite") / "suite.yaml"
     path.write_text(yaml.safe_dump(suite), encoding="utf-8")
@@ -53,6 +53,8 @@ def write_profile(folder: Path, suite: Path, *, gates=(), variants=VARIANTS, sel
     data["eval"] = {"suite": str(suite), "gates": list(gates)}
     data["recipe"]["variants"] = variants
     data["recipe"]["select"] = select
+    # int4 on a 64-wide random model drifts far more than on a real one; the eval gates decide here.
+    data["recipe"]["quantize_tolerance"] = {"min_top1_agreement": 0.01}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path

@@ -1,0 +1,37 @@
+"""The pipeline on SmolLM2-135M-Instruct: two variants with the quick suite."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llmctl.pipeline.run import run_pipeline
+from llmctl.profiles import load_profile
+
+pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
+
+
+def test_smollm2_two_variants_quick_suite(smollm2_gguf, tmp_path):
+    out = tmp_path / "out"
+    result = run_pipeline(smollm2_gguf, out, profile=load_profile("cpu-x86-avx2"), variants=["int4-b32", "int8-dynamic"])
+
+    by_name = {variant.name: variant for variant in result.variants}
+    assert sorted(by_name) == ["int4-b32", "int8-dynamic"]
+    for variant in by_name.values():
+        assert variant.error is None, variant.error
+        assert variant.metrics["top1_agreement"] is not None
+        assert variant.metrics["decode_tps"] > 0
+        assert (out / "variants" / variant.name / "llmctl.json").is_file()
+    assert by_name["int4-b32"].size_bytes < by_name["int8-dynamic"].size_bytes
+    # int8 keeps more precision than int4, so it tracks the fp32 model at least as closely.
+    assert by_name["int8-dynamic"].metrics["kl_mean"] <= by_name["int4-b32"].metrics["kl_mean"] * 1.5
+
+    assert result.selected in by_name
+    assert (out / "selected").resolve() == (out / "variants" / result.selected).resolve()
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["selected"] == result.selected
+    assert (out / "report.html").stat().st_size > 10_000
+
+    again = run_pipeline(smollm2_gguf, out, profile=load_profile("cpu-x86-avx2"), variants=["int4-b32", "int8-dynamic"])
+    assert {record.status for record in again.steps} == {"cached"}
