@@ -29,7 +29,7 @@ def resolve_model_dir(path: str | Path) -> Path:
     if selected.is_symlink() or selected.is_dir():
         return selected.resolve()
     if selected.is_file():
-        # A pointer file (for file systems without symbolic links) holds the variant name.
+        # A pointer file (for file systems without symbolic links) contains the variant name.
         name = selected.read_text(encoding="utf-8").strip()
         return (path / VARIANTS_DIR / name).resolve()
     if (path / VARIANTS_DIR).is_dir() and (path / PIPELINE_MARKER).is_file():

@@ -2,7 +2,7 @@
 
 Every step has a cache key, the sha256 of what it reads (the source's content hash or the
 keys of the steps before it), its parameters and the versions of the tools that run it. A
-step whose key is unchanged is reused; a changed parameter changes the key of that step and
+step whose key is unchanged is reused. A changed parameter changes the key of that step and
 of every step after it, and of nothing else.
 """
 
@@ -70,7 +70,7 @@ class PlannedVariant:
 
 @dataclass
 class Plan:
-    """What a pipeline run does, in order."""
+    """The source, profile, suite and ordered steps of one pipeline run."""
 
     source: Path
     source_digest: str

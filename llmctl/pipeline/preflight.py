@@ -179,14 +179,14 @@ def check_execution_provider(provider: str) -> Check:
     """Check that ONNX Runtime offers the profile's execution provider."""
     import onnxruntime
 
-    wanted = PROVIDER_NAMES[provider]
+    provider_name = PROVIDER_NAMES[provider]
     available = onnxruntime.get_available_providers()
-    if wanted in available:
-        return Check("execution provider", True, f"{wanted} available")
+    if provider_name in available:
+        return Check("execution provider", True, f"{provider_name} available")
     return Check(
         "execution provider",
         False,
-        f"runtime.execution_provider {provider!r} needs {wanted}; this onnxruntime offers {', '.join(available)}",
+        f"runtime.execution_provider {provider!r} needs {provider_name}; this onnxruntime offers {', '.join(available)}",
         "install the onnxruntime build for that provider or choose a profile for this machine",
     )
 

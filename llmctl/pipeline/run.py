@@ -61,7 +61,7 @@ EventHook = Callable[[StepEvent], None]
 
 @dataclass
 class VariantOutcome:
-    """What the pipeline learned about one variant."""
+    """Measurements, gate outcomes and estimated cost of one variant."""
 
     name: str
     quantization: dict[str, Any] | None
@@ -80,7 +80,7 @@ class VariantOutcome:
         """True when the variant was built and evaluated and no gate failed.
 
         A gate whose metric could not be measured (its task was skipped) does not fail the
-        variant, as in ``llmctl eval``; the report lists it as skipped.
+        variant, as in ``llmctl eval``. The report lists such a gate as skipped.
         """
         return self.error is None and self.results_path is not None and not any(
             gate.get("outcome") == "fail" for gate in self.gates
@@ -100,9 +100,9 @@ class VariantOutcome:
             if gate.get("outcome") != "fail":
                 continue
             observed = gate.get("observed")
-            shown = "not measured" if observed is None else f"observed {observed:.4g}"
+            observed_text = "not measured" if observed is None else f"observed {observed:.4g}"
             reason = f": {gate['reason']}" if gate.get("reason") else ""
-            missed.append(f"{gate['expression']} ({gate.get('outcome')}, {shown}{reason})")
+            missed.append(f"{gate['expression']} ({gate.get('outcome')}, {observed_text}{reason})")
         return missed
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +125,7 @@ class VariantOutcome:
 
 @dataclass
 class StepRecord:
-    """How one step of this run went."""
+    """Status and duration of one step in this run."""
 
     step: str
     key: str
@@ -275,13 +275,13 @@ def describe(step: PlannedStep, plan: Plan) -> str:
     if step.kind == "quantize":
         q = step.parameters["quantization"]
         if q["method"] == "int8" and q["mode"] == "dynamic":
-            how = "int8 dynamic" + (" per channel" if q.get("per_channel") else "")
+            method_text = "int8 dynamic" + (" per channel" if q.get("per_channel") else "")
         elif q["method"] == "int8":
-            how = f"int8 weight-only, block {q['block_size']}"
+            method_text = f"int8 weight-only, block {q['block_size']}"
         else:
-            how = f"int4, block {q['block_size']}"
+            method_text = f"int4, block {q['block_size']}"
         head = f", {q['head_bits']}-bit head" if q.get("head_bits") else ""
-        return f"quantize to {how}{head}"
+        return f"quantize to {method_text}{head}"
     return f"evaluate {step.variant} with suite {plan.suite}"
 
 
@@ -522,8 +522,8 @@ def run_pipeline(
 def execute(plan: Plan, runner: Runner) -> list[VariantOutcome]:
     """Run every step of ``plan`` and return one outcome per variant.
 
-    A variant whose quantization or evaluation fails is marked failed with the reason and the
-    others go on; a failed convert stops the run, since every variant needs it.
+    A variant whose quantization or evaluation fails is marked failed with the reason, and the
+    other variants go on. A failed convert stops the run because every variant needs it.
     """
     from llmctl.pipeline.outcome import collect_outcome
 

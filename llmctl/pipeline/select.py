@@ -29,7 +29,7 @@ def quality_key(candidate: Candidate) -> tuple[float, float, float]:
     lowest perplexity, then highest mean task accuracy.
 
     KL divergence comes first because the variants share one source, so drift from it is the
-    most direct measure of what quantization cost; a metric the suite lacks ranks last.
+    most direct measure of what quantization cost. A metric the suite lacks ranks last.
     """
     metrics = candidate.metrics
     accuracy = metrics.get("accuracy_mean")
@@ -44,8 +44,8 @@ def cost_key(candidate: Candidate) -> tuple[float, float]:
     """Rank by estimated dollars per million tokens, cheapest first.
 
     Every variant runs on the same profile, so cost is the hourly price divided by
-    throughput; a profile without a price is ranked by the estimated throughput alone,
-    which orders the variants the same way.
+    throughput. Without a price the variants are ranked by the estimated throughput alone,
+    which gives the same order.
     """
     throughput = candidate.estimated_tokens_per_second
     return (_missing_last(candidate.usd_per_million_tokens), -throughput if throughput else math.inf)
