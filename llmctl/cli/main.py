@@ -12,6 +12,7 @@ from llmctl.cli import eval as eval_cli
 from llmctl.cli import generate
 from llmctl.cli import pipeline
 from llmctl.cli import profiles
+from llmctl.cli import serve
 from llmctl.cli.errors import LlmctlGroup
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.add_typer(pipeline.app, name="pipeline")
 app.command("eval")(eval_cli.eval_command)
 app.command("generate")(generate.generate_command)
 app.command("cost-estimate")(cost.cost_estimate)
+app.command("serve")(serve.serve_command)
 
 
 def _print_version(value: bool) -> None:

@@ -1,0 +1,27 @@
+"""Settings of one server, filled from the command line and the profile's ``serve`` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the server admits and limits requests.
+
+    Attributes:
+        api_key: the key clients must send as ``Authorization: Bearer KEY``; None leaves the API open.
+        max_concurrency: requests generating at once.
+        max_queue: requests waiting for a slot before new ones get 429.
+        max_body_bytes: largest request body accepted; larger ones get 413.
+        retry_after_s: ``Retry-After`` seconds sent with 429.
+        shutdown_timeout_s: seconds in-flight requests get to finish after SIGINT/SIGTERM
+            before they are cancelled.
+    """
+
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_queue: int = 64
+    max_body_bytes: int = 1_048_576
+    retry_after_s: int = 1
+    shutdown_timeout_s: float = 10.0
