@@ -5,8 +5,9 @@ along the input dimension, with 4- or 8-bit codes, and accepts zero points eithe
 unsigned integers or as floats of the scale's type. Every format below fits that form
 exactly, so a GGUF weight becomes a ``MatMulNBits`` weight with the same codes:
 
-- symmetric formats keep an integer zero point: Q4_0 (8, the 4-bit default), Q5_0 (16),
-  Q8_0 (codes shifted by 128, the 8-bit default), Q6_K (32);
+- symmetric formats use the operator's default zero point: Q4_0 (8, the 4-bit default);
+  Q5_0, Q6_K and Q8_0 store their codes shifted so that their offset (16, 32, 0) lands on
+  the 8-bit default of 128;
 - 4-bit formats with a minimum (``value = d * q + m``: Q4_1, Q4_K) get the float zero point
   ``-m / d``;
 - 5-bit formats with a minimum (Q5_1, Q5_K) keep ``m`` as a per-block offset, because the
@@ -45,6 +46,9 @@ class BlockWeight:
             ``[N, K // block_size]``.
         offsets: None, or float32 ``[N, K // block_size]`` added to every value of a block:
             ``value = (code - zero_point) * scale + offset``.
+        minimums: for float zero points, the block minimums ``m`` they were computed from
+            (``zero_point = -m / scale``); these are float16-exact for Q4_1, which lets the
+            graph store them at half the size and derive the zero points when it loads.
     """
 
     source_type: str
@@ -54,6 +58,7 @@ class BlockWeight:
     scales: np.ndarray
     zero_points: np.ndarray | None
     offsets: np.ndarray | None = None
+    minimums: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,7 +91,10 @@ class BlockWeight:
         """Return the weight with its output rows reordered (or selected) by ``rows``."""
         zero = None if self.zero_points is None else self.zero_points[rows]
         offsets = None if self.offsets is None else self.offsets[rows]
-        return BlockWeight(self.source_type, self.bits, self.block_size, self.codes[rows], self.scales[rows], zero, offsets)
+        minimums = None if self.minimums is None else self.minimums[rows]
+        return BlockWeight(
+            self.source_type, self.bits, self.block_size, self.codes[rows], self.scales[rows], zero, offsets, minimums
+        )
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -103,23 +111,26 @@ def _affine(source_type: str, bits: int, block_size: int, codes: np.ndarray, d: 
     """Build a weight whose blocks read ``value = d * code + m``.
 
     4-bit codes get the float zero point ``-m / d``. A block with ``d == 0`` holds the single
-    value ``m``: its codes are set to 1, its scale to ``m`` and its zero point to 0, which
-    represents it exactly. 8-bit codes keep ``m`` as an offset with a zero point of 0.
+    value ``m``: its codes are set to 1, its scale to ``m`` and its minimum to 0, which
+    represents it exactly; when ``m`` is 0 too, the codes are 0 and the scale 1. 8-bit codes
+    keep ``m`` as an offset with a zero point of 0.
     """
     if bits == 8:
         zero_codes = np.zeros(d.shape, dtype=np.uint8)
         return BlockWeight(source_type, bits, block_size, codes, d.astype(np.float32), zero_codes, m.astype(np.float32))
 
     constant = d == 0
-    safe_d = np.where(constant, 1.0, d)
-    zero = np.where(constant, 0.0, -m / safe_d).astype(np.float32)
-    scale = np.where(constant, m, d).astype(np.float32)
+    zero_block = constant & (m == 0)
+    scale = np.where(zero_block, 1.0, np.where(constant, m, d)).astype(np.float32)
+    minimum = np.where(constant, 0.0, m).astype(np.float32)
+    zero = (-minimum / scale).astype(np.float32)
     if constant.any():
         n, n_blocks = d.shape
         blocks = codes.reshape(n, n_blocks, block_size)
         blocks[constant] = 1
+        blocks[zero_block] = 0
         codes = blocks.reshape(codes.shape)
-    return BlockWeight(source_type, bits, block_size, codes, scale, zero)
+    return BlockWeight(source_type, bits, block_size, codes, scale, zero, None, minimum)
 
 
 def _blocks(raw: np.ndarray, type_size: int) -> tuple[np.ndarray, int, int]:
@@ -156,8 +167,8 @@ def decode_q5_0(raw: np.ndarray) -> BlockWeight:
     blocks, n, n_blocks = _blocks(raw, 22)
     d = _f16(blocks[..., 0:2]).reshape(n, n_blocks)
     codes = (_nibbles(blocks[..., 6:22]) | _high_bits_32(blocks[..., 2:6])).reshape(n, n_blocks * 32)
-    zero = np.full((n, n_blocks), 16, dtype=np.uint8)
-    return BlockWeight("Q5_0", 8, 32, codes, d, zero)
+    # value = d * (q - 16) = d * ((q + 112) - 128), and 128 is the 8-bit default zero point.
+    return BlockWeight("Q5_0", 8, 32, codes + np.uint8(112), d, None)
 
 
 def decode_q5_1(raw: np.ndarray) -> BlockWeight:
@@ -238,8 +249,8 @@ def decode_q6_k(raw: np.ndarray) -> BlockWeight:
     codes = (low | (high << 4)).reshape(n, n_super * QK_K).astype(np.uint8)
 
     scale = (d * sub_scales).reshape(n, n_super * 16)
-    zero = np.full(scale.shape, 32, dtype=np.uint8)
-    return BlockWeight("Q6_K", 8, 16, codes, scale, zero)
+    # value = scale * (q - 32) = scale * ((q + 96) - 128), 128 being the 8-bit default zero point.
+    return BlockWeight("Q6_K", 8, 16, codes + np.uint8(96), scale, None)
 
 
 DECODERS: dict[str, Callable[[np.ndarray], BlockWeight]] = {

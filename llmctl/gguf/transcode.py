@@ -324,7 +324,7 @@ def _merge(weights: list[blocks.BlockWeight]) -> blocks.BlockWeight:
     explicit_zero = len(kinds) > 1 or any(weight.offsets is not None for weight in weights)
     with_offsets = any(weight.offsets is not None for weight in weights)
 
-    codes, scales, zeros, offsets = [], [], [], []
+    codes, scales, zeros, offsets, minimums = [], [], [], [], []
     for weight in weights:
         repeat = weight.block_size // block_size  # split a block into equal smaller blocks
         codes.append(weight.codes)
@@ -333,6 +333,8 @@ def _merge(weights: list[blocks.BlockWeight]) -> blocks.BlockWeight:
         zeros.append(np.repeat(zero.astype(np.float32) if float_zero else zero, repeat, axis=1))
         offset = weight.offsets if weight.offsets is not None else np.zeros(weight.scales.shape, np.float32)
         offsets.append(np.repeat(offset, repeat, axis=1))
+        minimum = weight.minimums if weight.minimums is not None else -zero.astype(np.float32) * weight.scales
+        minimums.append(np.repeat(minimum, repeat, axis=1))
 
     first = weights[0]
     zero_points = np.concatenate(zeros) if (explicit_zero or first.zero_points is not None) else None
@@ -344,6 +346,7 @@ def _merge(weights: list[blocks.BlockWeight]) -> blocks.BlockWeight:
         np.concatenate(scales),
         zero_points,
         np.concatenate(offsets) if with_offsets else None,
+        np.concatenate(minimums) if float_zero else None,
     )
 
 
@@ -455,11 +458,15 @@ class _Graph:
         self._removed.add(node.name)
         self._anchor = self._position[node.name]
 
-    def add_node(self, op_type: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", **attributes: Any) -> Any:
+    def add_node(
+        self, op_type: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", constant: bool = False, **attributes: Any
+    ) -> Any:
+        """Add a node after the removed node it replaces; ``constant`` nodes (inputs all
+        initializers) go to the front, so any later node may use them."""
         from onnx import helper
 
         node = helper.make_node(op_type, inputs, outputs, name=name, domain=domain or None, **attributes)
-        self.new_nodes.append((self._anchor, node))
+        self.new_nodes.append((-1 if constant else self._anchor, node))
         return node
 
     def set_initializer(self, name: str, array: np.ndarray) -> None:
@@ -479,13 +486,12 @@ class _Graph:
         """
         n, k = weight.shape
         prefix = weight_name.removesuffix(".weight")
-        inputs = [activation, f"{prefix}.weight_Q{weight.bits}G{weight.block_size}", f"{prefix}.weight_scale"]
-        self.set_initializer(inputs[1], blocks.pack_codes(weight))
-        self.set_initializer(inputs[2], weight.scales.astype(np.float32))
-        zero_points = blocks.pack_zero_points(weight)
+        codes = f"{prefix}.weight_Q{weight.bits}G{weight.block_size}"
+        self.set_initializer(codes, blocks.pack_codes(weight))
+        inputs = [activation, codes, self.float_constant(f"{prefix}.weight_scale", weight.scales)]
+        zero_points = self._zero_point_input(prefix, weight, inputs[2])
         if zero_points is not None:
-            inputs.append(f"{prefix}.weight_zp")
-            self.set_initializer(inputs[3], zero_points)
+            inputs.append(zero_points)
 
         product = output if weight.offsets is None else f"{output}/nbits"
         self.add_node(
@@ -494,6 +500,40 @@ class _Graph:
         )
         if weight.offsets is not None:
             self._add_offset_branch(activation, product, output, prefix, weight)
+
+    def float_constant(self, name: str, values: np.ndarray) -> str:
+        """Store float32 ``values`` as float16 plus a Cast when that is exact; return the float32 name.
+
+        ONNX Runtime folds the Cast of an initializer when it loads the model, so the file
+        holds half the bytes while the kernels see the same float32 values.
+        """
+        half = values.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), values):
+            self.set_initializer(name, values.astype(np.float32))
+            return name
+        self.set_initializer(f"{name}_f16", half)
+        self.add_node("Cast", [f"{name}_f16"], [name], f"{name}/Cast", constant=True, to=1)  # 1: FLOAT
+        return name
+
+    def _zero_point_input(self, prefix: str, weight: blocks.BlockWeight, scale_name: str) -> str | None:
+        """Add the zero points; float ones come from float16 minimums (``-m / scale``) when exact."""
+        zero_points = blocks.pack_zero_points(weight)
+        if zero_points is None:
+            return None
+        name = f"{prefix}.weight_zp"
+        if weight.zero_point_kind != "float" or weight.minimums is None:
+            self.set_initializer(name, zero_points)
+            return name
+        scale_is_half = scale_name not in self.initializers  # produced by a Cast from float16
+        minimums_are_half = np.array_equal(weight.minimums.astype(np.float16).astype(np.float32), weight.minimums)
+        if not (scale_is_half and minimums_are_half):
+            self.set_initializer(name, zero_points)
+            return name
+        minimums = self.float_constant(f"{prefix}.weight_min", weight.minimums)
+        # Same float32 division as the decoder's -m / d, so the zero points are bit-identical.
+        self.add_node("Div", [minimums, scale_name], [f"{name}_neg"], f"{name}/Div", constant=True)
+        self.add_node("Neg", [f"{name}_neg"], [name], f"{name}/Neg", constant=True)
+        return name
 
     def _add_offset_branch(self, activation: str, product: str, output: str, prefix: str, weight: blocks.BlockWeight) -> None:
         n_blocks = weight.offsets.shape[1]
@@ -525,7 +565,7 @@ class _Graph:
             prefix = f"{names.EMBEDDING}"
             codes, scales = f"{prefix}.weight_Q{weight.bits}G{weight.block_size}", f"{prefix}.weight_scale"
             self.set_initializer(codes, blocks.pack_codes(weight))
-            self.set_initializer(scales, weight.scales.astype(np.float32))
+            scales = self.float_constant(scales, weight.scales)
             zero = None
             if weight.zero_points is not None:
                 zero = f"{prefix}.weight_zp"
@@ -536,7 +576,7 @@ class _Graph:
         shape_name = f"{names.EMBEDDING}.table_shape"
         self.set_initializer(shape_name, np.array([vocab, row_bytes], dtype=np.int64))
         table = "/model/embed_tokens/Reshape/output_0"
-        self.add_node("Reshape", [codes, shape_name], [table], "/model/embed_tokens/Reshape")
+        self.add_node("Reshape", [codes, shape_name], [table], "/model/embed_tokens/Reshape", constant=True)
         inputs = [table, gather.input[1], scales] + ([zero] if zero else [])
         self.add_node(
             "GatherBlockQuantized", inputs, list(gather.output), "/model/embed_tokens/GatherBlockQuantized",
@@ -548,7 +588,7 @@ class _Graph:
         inserted: dict[int, list[Any]] = {}
         for anchor, node in self.new_nodes:
             inserted.setdefault(anchor, []).append(node)
-        ordered = []
+        ordered = list(inserted.get(-1, []))
         for index, node in enumerate(self.graph.node):
             if node.name not in self._removed:
                 ordered.append(node)
