@@ -7,11 +7,14 @@ from typing import Annotated
 import typer
 
 from llmctl import __version__
+from llmctl.cli import convert as convert_cli
 from llmctl.cli import cost
+from llmctl.cli import info as info_cli
 from llmctl.cli import eval as eval_cli
 from llmctl.cli import generate
 from llmctl.cli import pipeline
 from llmctl.cli import profiles
+from llmctl.cli import quantize as quantize_cli
 from llmctl.cli import serve
 from llmctl.cli.errors import LlmctlGroup
 
@@ -26,6 +29,9 @@ app = typer.Typer(
 )
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(pipeline.app, name="pipeline")
+app.command("convert")(convert_cli.convert_command)
+app.command("quantize")(quantize_cli.quantize_command)
+app.command("info")(info_cli.info_command)
 app.command("eval")(eval_cli.eval_command)
 app.command("generate")(generate.generate_command)
 app.command("cost-estimate")(cost.cost_estimate)

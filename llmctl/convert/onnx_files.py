@@ -33,7 +33,9 @@ def external_data_files(path: Path) -> list[Path]:
 
 
 def save_model(model, path: Path) -> list[Path]:
-    """Save ``model`` as ``path`` plus ``path.data`` holding every initializer.
+    """Save ``model`` as ``path`` plus ``path.data`` holding every initializer of 1 kB or more.
+
+    Smaller tensors stay inline because ONNX Runtime reads shape constants only from the graph.
 
     Returns:
         The files written.
@@ -45,7 +47,7 @@ def save_model(model, path: Path) -> list[Path]:
         if stale.exists():
             stale.unlink()
     onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=0,
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024,
     )
     return [path, path.parent / data_name]
 
