@@ -95,7 +95,7 @@ def test_select_backend_missing_folder(tmp_path: Path) -> None:
 
 
 def test_select_backend_empty_folder(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="holds no model"):
+    with pytest.raises(InputError, match="contains no model"):
         select_backend_name(tmp_path)
 
 

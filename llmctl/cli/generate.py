@@ -23,7 +23,7 @@ def generate_command(
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass; 1 disables it.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the K most likely tokens; 0 disables it.")] = 0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same answer.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same output.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.")] = None,
     backend: BackendOpt = "auto",
     profile: ProfileOpt = None,

@@ -49,7 +49,7 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
         requested: "auto" or a registered backend name.
 
     Raises:
-        InputError: the folder does not exist or holds no model any backend can run.
+        InputError: the folder does not exist or contains no model that a backend can run.
         UnsupportedError: the named backend cannot run this folder.
     """
     from llmctl.registry import backends
@@ -73,7 +73,7 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
             if runnable[name]:
                 return name
         raise InputError(
-            f"{folder} holds no model: no genai_config.json, no .onnx file and no Hugging Face weights",
+            f"{folder} contains no model: no genai_config.json, no .onnx file and no Hugging Face weights",
             hint="convert a checkpoint first: llmctl convert SOURCE -o DIR",
         )
 

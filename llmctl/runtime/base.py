@@ -25,7 +25,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do; the server answers 400 for a parameter the backend lacks."""
+    """What a backend can do; the server returns 400 for a parameter the backend lacks."""
 
     logprobs: bool = True
     prompt_logprobs: bool = True

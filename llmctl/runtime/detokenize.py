@@ -41,8 +41,8 @@ class IncrementalDetokenizer:
         if len(full_text) <= len(prefix_text) or full_text.endswith(REPLACEMENT_CHARACTER):
             return ""
         # NOTE: the delta is taken by length. A decoder that rewrites earlier text (clean-up
-        # rules) would make the stream differ from a full decode by those rewrites; the
-        # tokenizer wrapper decodes without clean-up for that reason.
+        # rules) would make the stream differ from a full decode, so the tokenizer wrapper
+        # decodes without clean-up.
         delta = full_text[len(prefix_text) :]
         self._advance()
         return delta

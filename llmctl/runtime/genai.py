@@ -94,8 +94,9 @@ class GenAIBackend(ScoringBackend):
         genai_model = read_json(self.model_path / "genai_config.json").get("model", {})
         self._context_length = int(genai_model.get("context_length") or self._context_length)
         genai_eos = genai_model.get("eos_token_id")
-        extra = genai_eos if isinstance(genai_eos, list) else [genai_eos] if genai_eos is not None else []
-        self._eos_ids = sorted(set(self._eos_ids) | {int(e) for e in extra})
+        if isinstance(genai_eos, int):
+            genai_eos = [genai_eos]
+        self._eos_ids = sorted(set(self._eos_ids) | {int(e) for e in genai_eos or []})
         if self.batching:
             self._engine = _EngineWorker(og.Engine(self.model))
 
@@ -226,7 +227,7 @@ class GenAIBackend(ScoringBackend):
     def _score_decoder(self) -> OnnxDecoder:
         with self._scorer_lock:
             if self._scorer is None:
-                # NOTE: this second session holds another copy of the weights in memory.
+                # NOTE: this second session keeps another copy of the weights in memory.
                 self._scorer = OnnxDecoder(
                     find_decoder_file(self.model_path),
                     threads=self.threads,
@@ -269,9 +270,11 @@ class _EngineWorker:
         self._cancellations.put(key)
 
     def stop(self) -> None:
+        """Stop the thread, fail the requests still in flight and release the engine."""
         self._stopping.set()
         self._submissions.put(None)
         self._thread.join(timeout=10)
+        self._engine = None
 
     @property
     def active_requests(self) -> int:
@@ -323,8 +326,10 @@ class _EngineWorker:
                         logger.debug("removing a failed request", exc_info=True)
                     tokens.put(error)
                 self._streams.clear()
-        for _, tokens in self._streams.values():
+        for request, tokens in self._streams.values():
+            self._engine.remove_request(request)
             tokens.put(RuntimeBackendError("the model was unloaded during generation"))
+        self._streams.clear()
 
     def _drain(self, request: Any) -> None:
         key = request.get_opaque_data()

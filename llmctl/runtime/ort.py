@@ -38,7 +38,7 @@ def find_decoder_file(folder: Path) -> Path:
     """Return the decoder ONNX file of an artifact folder.
 
     Raises:
-        RuntimeBackendError: the folder holds no ONNX file.
+        RuntimeBackendError: the folder contains no ONNX file.
     """
     genai = read_json(folder / "genai_config.json").get("model", {}).get("decoder", {})
     candidates = [genai.get("filename"), "model.onnx", "decoder_model_merged.onnx", "decoder_with_past_model.onnx"]

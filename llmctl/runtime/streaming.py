@@ -26,7 +26,7 @@ class TextChunk:
 
 
 def stream_text(backend: Backend, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[TextChunk]:
-    """Generate text chunk by chunk; the chunks' texts concatenate to the full answer.
+    """Generate text chunk by chunk; the chunks' texts concatenate to the full output.
 
     A stop string ends the generation (finish reason "stop") and appears in no chunk. The
     last chunk always carries the finish reason. Closing this iterator cancels the generation.
