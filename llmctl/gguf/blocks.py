@@ -12,7 +12,7 @@ exactly, so a GGUF weight becomes a ``MatMulNBits`` weight with the same codes:
   ``-m / d``;
 - 5-bit formats with a minimum (Q5_1, Q5_K) keep ``m`` as a per-block offset, because the
   CPU kernel of ``MatMulNBits`` (onnxruntime 1.32) rejects float zero points with 8-bit
-  codes; the graph adds ``m`` times the block sums of the input (see ``transcode``);
+  codes. The graph then adds ``m`` times the block sums of the input (see ``transcode``);
 - K-quants carry 6-bit sub-block scales and minimums under a super-block scale; these are
   multiplied out into one scale (and minimum) per sub-block: 32 values for Q4_K and Q5_K,
   16 for Q6_K;
@@ -47,8 +47,8 @@ class BlockWeight:
         offsets: None, or float32 ``[N, K // block_size]`` added to every value of a block:
             ``value = (code - zero_point) * scale + offset``.
         minimums: for float zero points, the block minimums ``m`` they were computed from
-            (``zero_point = -m / scale``); these are float16-exact for Q4_1, which lets the
-            graph store them at half the size and derive the zero points when it loads.
+            (``zero_point = -m / scale``). They are float16-exact for Q4_1, so the graph can
+            store them at half the size and derive the zero points when it loads.
     """
 
     source_type: str
@@ -112,7 +112,7 @@ def _affine(source_type: str, bits: int, block_size: int, codes: np.ndarray, d: 
 
     4-bit codes get the float zero point ``-m / d``. A block with ``d == 0`` holds the single
     value ``m``: its codes are set to 1, its scale to ``m`` and its minimum to 0, which
-    represents it exactly; when ``m`` is 0 too, the codes are 0 and the scale 1. 8-bit codes
+    represents it exactly. When ``m`` is 0 too, the codes are 0 and the scale 1. 8-bit codes
     keep ``m`` as an offset with a zero point of 0.
     """
     if bits == 8:
@@ -190,8 +190,8 @@ def decode_q8_0(raw: np.ndarray) -> BlockWeight:
 def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unpack the 12 bytes of 6-bit sub-block scales and minimums of Q4_K and Q5_K.
 
-    Mirrors ggml's ``get_scale_min_k4``: sub-blocks 0-3 use the low 6 bits of bytes 0-3
-    (scales) and 4-7 (minimums); sub-blocks 4-7 combine a nibble of bytes 8-11 with the
+    Mirrors ggml's ``get_scale_min_k4``. Sub-blocks 0-3 use the low 6 bits of bytes 0-3
+    (scales) and 4-7 (minimums). Sub-blocks 4-7 combine a nibble of bytes 8-11 with the
     top 2 bits of bytes 0-7.
     """
     low_scales = packed[..., 0:4] & 63

@@ -1,8 +1,8 @@
 """Which ONNX weight each GGUF tensor becomes, per GGUF architecture.
 
 The names on the ONNX side are those of the ONNX Runtime GenAI model builder's graph
-(``model.layers.{i}.attn.q_proj.MatMul.weight``); the builder uses the same names for every
-decoder architecture, so the table here only says how the GGUF names and layouts differ.
+(``model.layers.{i}.attn.q_proj.MatMul.weight``). The builder uses the same names for every
+decoder architecture, so the tables here only describe how the GGUF names and layouts differ.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ _LAYER_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
-    """How one GGUF architecture lays out its tensors.
+    """Tensor layout rules of one GGUF architecture.
 
     Attributes:
         gguf_name: the ``general.architecture`` value.
@@ -111,9 +111,9 @@ def unpack_key(key: str) -> list[str]:
 def row_order(spec: ArchitectureSpec, gguf_name: str, rows: int, head_count: int, head_count_kv: int) -> np.ndarray | None:
     """Return the GGUF row index for each Hugging Face row, or None when the order is the same.
 
-    llama.cpp's converter interleaves the two rotary halves of each query and key head; this
-    undoes it exactly as transformers' GGUF loader does, so the transcoded rows line up with
-    the dequantized model the float graph came from.
+    llama.cpp's converter interleaves the two rotary halves of each query and key head. This
+    undoes it exactly as transformers' GGUF loader does, so that the transcoded rows line up
+    with the dequantized model the float graph came from.
     """
     if not spec.permuted_qk:
         return None

@@ -29,13 +29,13 @@ REQUANTIZE_TYPE = "Q8_0"  # closest supported format to the float values: 8-bit 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 # Relative difference allowed between a decoded GGUF weight and the float initializer it
-# replaces; both come from the same blocks, so only float rounding separates them.
+# replaces. Both come from the same blocks, so only float rounding separates them.
 MATCH_TOLERANCE = 1e-5
 
 
 @dataclass
 class TensorRecord:
-    """What one GGUF tensor became in the ONNX graph (one manifest entry)."""
+    """A manifest entry: one GGUF tensor, its block type and the ONNX weight it became."""
 
     gguf_tensor: str
     gguf_type: str
@@ -100,8 +100,8 @@ def transcode(
         model_dir: folder with the builder's fp32 ``model.onnx`` converted from ``gguf_path``.
         gguf_path: the GGUF file the float graph was dequantized from.
         fallback: ``"error"`` rejects a block type or architecture that cannot be carried
-            exactly; ``"requantize"`` quantizes those weights again from the float graph,
-            to Q8_0 blocks, and lists them in the report.
+            exactly. ``"requantize"`` quantizes those weights again from the float graph into
+            Q8_0 blocks and lists them in the report.
         accuracy_level: ``MatMulNBits`` accuracy level. 0 and 1 compute in float and keep the
             products equal to the dequantized ones; 4 quantizes activations to int8 on CPU
             (faster, no longer exact for integer zero points).
