@@ -52,6 +52,8 @@ class GenAIBackend(ScoringBackend):
     def __init__(self, model_path: Path, *, threads: int = 0, **options: Any) -> None:
         super().__init__(model_path, threads=threads, **options)
         self.batching = bool(options.get("continuous_batching", True))
+        # NOTE: GeneratorParams.set_guidance (llguidance) could constrain output to a JSON
+        # schema, but it is not wired to SamplingParams yet, so json_schema stays False.
         self.capabilities = Capabilities(
             logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, continuous_batching=self.batching
         )

@@ -15,6 +15,10 @@ import numpy as np
 from llmctl.runtime.base import SamplingParams, TokenLogprob
 
 
+# Numbers of most likely tokens tried for top-p before sorting the whole vocabulary.
+SORT_WINDOWS = (1024, 8192)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Return ``log(softmax(logits))`` along the last axis, computed in float64."""
     values = np.asarray(logits, dtype=np.float64)
@@ -98,17 +102,41 @@ class Sampler:
             return int(np.argmax(processed))
 
         scaled = processed / params.temperature
-        order = np.argsort(-scaled, kind="stable")
-        if 0 < params.top_k < order.size:
-            order = order[: params.top_k]
-        kept = scaled[order]
-        probs = np.exp(kept - kept[0])
+        probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
+        if params.top_k <= 0 and params.top_p >= 1.0:
+            return self._draw(probs, None)
+        candidates = self._candidates(probs)
+        kept = probs[candidates]
         if params.top_p < 1.0:
             # Keep the smallest prefix whose mass reaches top_p; the first token always stays.
-            cutoff = int(np.searchsorted(np.cumsum(probs), params.top_p)) + 1
-            probs = probs[:cutoff] / probs[:cutoff].sum()
-            order = order[:cutoff]
+            cutoff = int(np.searchsorted(np.cumsum(kept), params.top_p)) + 1
+            candidates, kept = candidates[:cutoff], kept[:cutoff]
+        return self._draw(kept, candidates)
+
+    def _draw(self, probs: np.ndarray, token_ids: np.ndarray | None) -> int:
+        """Draw one index by inverse transform sampling; ``token_ids`` maps it to a token."""
         cumulative = np.cumsum(probs)
-        index = int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right"))
-        return int(order[min(index, order.size - 1)])
+        index = min(int(np.searchsorted(cumulative, self._rng.random() * cumulative[-1], side="right")), probs.size - 1)
+        return index if token_ids is None else int(token_ids[index])
+
+    def _candidates(self, probs: np.ndarray) -> np.ndarray:
+        """Return the token ids that top-k and top-p may keep, most likely first.
+
+        Sorting a whole vocabulary costs milliseconds per token at 50k-250k entries, so only
+        the most likely tokens are sorted when they already cover the top-p mass.
+        """
+        top_k, top_p = self.params.top_k, self.params.top_p
+        limit = top_k if 0 < top_k < probs.size else probs.size
+        if top_p < 1.0:
+            for window in SORT_WINDOWS:
+                if window >= limit:
+                    break
+                if np.partition(probs, probs.size - window)[probs.size - window :].sum() >= top_p:
+                    limit = window
+                    break
+        if limit < probs.size:
+            head = np.argpartition(-probs, limit - 1)[:limit]
+        else:
+            head = np.arange(probs.size)
+        return head[np.argsort(-probs[head], kind="stable")]
