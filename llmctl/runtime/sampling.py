@@ -39,9 +39,8 @@ def top_entries(logprobs: np.ndarray, count: int) -> list[tuple[int, float]]:
 class Sampler:
     """Pick tokens one at a time for one generation.
 
-    The order follows the OpenAI API and Hugging Face's logits processors: logit bias, then
-    presence and frequency penalties over the tokens generated so far, then temperature,
-    top-k and top-p. Reported log-probabilities come from the model's raw distribution
+    The logits go through logit bias, then presence and frequency penalties over the tokens
+    generated so far (the formula in OpenAI's API reference), then temperature, top-k and top-p. Reported log-probabilities come from the model's raw distribution
     (before bias, penalties and temperature), as ``score`` returns them.
 
     Args:
