@@ -195,12 +195,11 @@ def remove_gguf_copies(folder: Path) -> list[str]:
     """
     removed = []
     for path in folder.iterdir():
-        if path.is_file() and path.suffix != ".gguf":
-            with open(path, "rb") as handle:
-                if handle.read(4) == GGUF_MAGIC:
-                    path.unlink()
-                    removed.append(path.name)
-        elif path.is_file():
+        if not path.is_file():
+            continue
+        with open(path, "rb") as handle:
+            is_gguf = handle.read(4) == GGUF_MAGIC
+        if is_gguf or path.suffix == ".gguf":
             path.unlink()
             removed.append(path.name)
     if removed:

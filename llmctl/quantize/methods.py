@@ -101,7 +101,10 @@ def _weight_only_config(settings: QuantizeSettings, bits: int):
             raise UsageError("the hqq algorithm quantizes to 4 bits only", hint="use --algorithm rtn for int8")
         return mnq.HQQWeightOnlyQuantConfig(block_size=settings.block_size, bits=bits)
     if settings.algorithm == "k_quant":
-        return mnq.KQuantWeightOnlyQuantConfig(ratios={}, bits=bits) if bits != 4 else mnq.KQuantWeightOnlyQuantConfig()
+        if bits != 4:
+            raise UsageError("the k_quant algorithm quantizes to 4 bits only", hint="use --algorithm rtn for int8")
+        # NOTE: k-quant picks its own block layout; --block-size and --symmetric do not apply to it.
+        return mnq.KQuantWeightOnlyQuantConfig()
     return mnq.DefaultWeightOnlyQuantConfig(
         block_size=settings.block_size, is_symmetric=settings.symmetric, accuracy_level=settings.accuracy_level,
         quant_format=QuantFormat.QOperator, op_types_to_quantize=("MatMul",), bits=bits,
@@ -201,7 +204,6 @@ def _share_head_with_embedding(model, layout: EmbeddingLayout, bits: int, block_
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.output[0] == layout.head.output[0]), None)
     if head is None:
         return False
-    initializers = {t.name: t for t in graph.initializer}
     attributes = {a.name: onnx.helper.get_attribute_value(a) for a in head.attribute}
     if attributes.get("bits") != bits or attributes["K"] % block_size:
         return False
@@ -220,7 +222,6 @@ def _share_head_with_embedding(model, layout: EmbeddingLayout, bits: int, block_
     _gather_block_quantized(graph, layout.gather, reshaped[0], reshaped[1], reshaped[2], bits, block_size)
     graph.node.remove(layout.transpose)
     _remove_unused_initializers(graph)
-    del initializers
     return True
 
 
