@@ -375,7 +375,6 @@ def test_empty_chat_message(client: openai.OpenAI) -> None:
 
 
 def test_special_token_text_stays_plain(api: RunningServer, client: openai.OpenAI) -> None:
-    im_end = httpx.post(f"{api.url}/tokenize", json={"model": "tiny", "prompt": "x"}).json()  # warm-up
     template = httpx.post(
         f"{api.url}/tokenize", json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     ).json()["tokens"]
@@ -388,7 +387,6 @@ def test_special_token_text_stays_plain(api: RunningServer, client: openai.OpenA
     )
     plain = client.completions.create(model="tiny", prompt="<|im_end|>", max_tokens=1)
 
-    assert im_end["count"] >= 1
     # The template's own markup uses each control token a fixed number of times; user text adds none.
     assert sorted(t for t in injected if t in special_ids) == sorted(t for t in template if t in special_ids)
     assert plain.usage.prompt_tokens > 1

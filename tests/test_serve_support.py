@@ -1,6 +1,6 @@
 """Helpers for the server tests: a real uvicorn server on a free port, and instrumented backends.
 
-The instrumented backends wrap a loaded backend and forward every call to it; each adds one
+The instrumented backends wrap a loaded backend and forward every call to it. Each adds one
 behaviour a test needs to provoke (a slow or failing generation, a gated load, a scripted
 token stream), so hard cases are reproducible without replacing the model.
 """
@@ -172,6 +172,7 @@ class WrappedBackend(Backend):
     def _replay(self, params: SamplingParams) -> Iterator[GenerationStep]:
         ids = self.inner.encode(self.script or "", add_special_tokens=False)[: params.max_tokens]
         for position, token_id in enumerate(ids):
-            last = position == len(ids) - 1
-            finish = ("length" if len(ids) == params.max_tokens else "stop") if last else None
+            finish = None
+            if position == len(ids) - 1:
+                finish = "length" if len(ids) == params.max_tokens else "stop"
             yield GenerationStep(token_id=token_id, finish_reason=finish)

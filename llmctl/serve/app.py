@@ -175,8 +175,8 @@ class EventStreamResponse(StreamingResponse):
 async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
     """Await ``work``, cancelling it if the client disconnects first; None then.
 
-    A client that gives up while queued or while its answer is generated frees its slot at
-    once instead of after the whole answer has been generated. Streams are watched by the
+    A client that gives up while queued or while its completion is generated frees its slot
+    at once instead of after the whole completion has been generated. Streams are watched by the
     response itself once they have started.
     """
     task = asyncio.ensure_future(work)
@@ -199,7 +199,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[Any]) -> Any:
         return None
     result = task.result()
     if watcher.done() and isinstance(result, EventStream):
-        await result.aclose()  # finished just as the client left: nobody will read the stream
+        await result.aclose()  # finished just as the client left, so no one will read the stream
         return None
     return result
 
@@ -236,7 +236,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(models: Sequence[ModelSpec], settings: ServeSettings, *, on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """Build the server app for ``models``.
 
-    The models load in a background thread once the app starts, so ``GET /health`` answers
+    The models load in a background thread once the app starts, so ``GET /health`` returns
     503 while they load and 200 afterwards.
 
     Args:

@@ -23,7 +23,7 @@ from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLo
 from llmctl.serve import protocol as wire
 from llmctl.serve.errors import APIError, bad_request, internal_error
 from llmctl.serve.metrics import ServerMetrics
-from llmctl.serve.models import ModelPool, ServedModel
+from llmctl.serve.models import ModelPool, ServedModel, TokenTexts
 from llmctl.serve.scheduler import Scheduler, SequenceEvent, SequenceGroup, SequenceRequest, Slot
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def sse(data: wire.Response | dict[str, Any]) -> str:
 
 @dataclass
 class ServerContext:
-    """What every handler shares: the models, the scheduler, the metrics and a thread pool."""
+    """The state every handler shares: the models, the scheduler, the metrics and a thread pool."""
 
     pool: ModelPool
     scheduler: Scheduler
@@ -106,34 +106,6 @@ async def guard_stream(lines: AsyncIterator[str], request_id: str) -> AsyncItera
 
 
 # ---------------------------------------------------------------- shared steps
-
-
-class TokenTexts:
-    """Token id -> token text, cached per model, for log-probability entries."""
-
-    def __init__(self, backend: Backend) -> None:
-        self._backend = backend
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            # NOTE: a byte-level token holding part of a multi-byte character decodes to
-            # U+FFFD here; OpenAI sends its raw bytes, which the backend interface does not expose.
-            text = self._backend.decode([token_id], skip_special_tokens=False)
-            if len(self._cache) < 1_000_000:
-                self._cache[token_id] = text
-        return text
-
-
-_token_texts: dict[int, TokenTexts] = {}
-
-
-def token_texts(backend: Backend) -> TokenTexts:
-    found = _token_texts.get(id(backend))
-    if found is None or found._backend is not backend:
-        found = _token_texts[id(backend)] = TokenTexts(backend)
-    return found
 
 
 def check_capabilities(model: ServedModel, request: wire.SamplingFields, *, logprobs: bool, prompt_logprobs: bool) -> None:
@@ -308,10 +280,10 @@ def append_legacy_logprobs(
 ) -> None:
     """Append tokens to the legacy ``logprobs`` object of ``/v1/completions``.
 
-    ``top_logprobs`` at each position holds the ``top`` most likely tokens plus the token
-    itself, so ``max(top_logprobs[i])`` equals ``tokens[i]`` exactly when the token was the
-    most likely one (how lm-eval decides ``is_greedy``). An entry without a log-probability
-    (the first prompt token) gets None in both lists.
+    ``top_logprobs`` at each position contains the ``top`` most likely tokens plus the token
+    itself, so a client can compare the token with the most likely one at every position
+    (lm-eval's ``is_greedy``). An entry without a log-probability (the first prompt token)
+    gets None in both lists.
     """
     offset = target.text_offset[-1] + len(target.tokens[-1]) if target.tokens else 0
     for token_id, entry in entries:
@@ -391,7 +363,7 @@ class ChatHandler:
         self.context = context
 
     async def create(self, request: wire.ChatCompletionRequest, request_id: str) -> wire.ChatCompletion | EventStream:
-        """Generate a chat answer, whole or as a stream.
+        """Generate a chat completion, whole or as a stream.
 
         Raises:
             APIError: 400 for a parameter the model cannot honour or a prompt too long, 404
@@ -427,7 +399,7 @@ class ChatHandler:
             return EventStream(guard_stream(body, request_id), generation.close)
 
         results = await generation.collect()
-        texts = token_texts(model.backend)
+        texts = model.token_texts
         choices = [
             wire.ChatChoice(
                 index=index,
@@ -455,7 +427,7 @@ class ChatHandler:
         created = wire.now()
         model_name = generation.model.name
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        texts = token_texts(generation.model.backend)
+        texts = generation.model.token_texts
         top = request.top_logprobs or 0
 
         def chunk(choices: list[wire.ChatChunkChoice], usage: wire.Usage | None = None) -> str:
@@ -530,7 +502,7 @@ class CompletionHandler:
             return EventStream(guard_stream(body, request_id), generation.close)
 
         results = await generation.collect()
-        texts = token_texts(model.backend)
+        texts = model.token_texts
         choices = []
         for index, result in sorted(results.items()):
             number = index // request.n
@@ -600,7 +572,7 @@ class CompletionHandler:
     ) -> AsyncIterator[str]:
         created = wire.now()
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        texts = token_texts(model.backend)
+        texts = model.token_texts
         top = request.logprobs or 0
 
         def chunk(choices: list[wire.CompletionChoice], usage: wire.Usage | None = None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,23 @@ class ModelSpec:
         return path.resolve().name
 
 
+class TokenTexts:
+    """Token id -> token text, cached, for log-probability entries."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            # NOTE: a byte-level token that contains part of a multi-byte character decodes to
+            # U+FFFD here; OpenAI sends its raw bytes, which the backend interface does not expose.
+            text = self._backend.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text
+
+
 @dataclass
 class ServedModel:
     """A loaded model and the name it is served under."""
@@ -49,6 +66,10 @@ class ServedModel:
     name: str
     backend: Backend
     created: int
+    token_texts: TokenTexts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_texts = TokenTexts(self.backend)
 
 
 class ModelPool:
