@@ -56,7 +56,7 @@ def eval_command(
         list[str] | None, typer.Option("--gate", help="Extra gate, e.g. 'hellaswag.acc >= 0.35'; repeatable.")
     ] = None,
     backend: Annotated[str, typer.Option("--backend", help="Runtime backend: auto, genai, ort or torch.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences scored per model call.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences scored per model call.")] = 4,
     threads: Annotated[
         int | None, typer.Option("--threads", min=0, help="Intra-op threads; 0 lets the runtime choose; default: the profile's.")
     ] = None,

@@ -36,7 +36,7 @@ class EvalOptions:
     limit: int | None = None
     seed: int = 0
     backend: str = "auto"
-    batch_size: int = 1
+    batch_size: int = 4
     threads: int | None = None  # None: the profile's thread count
     output: Path | None = None
     junit: Path | None = None

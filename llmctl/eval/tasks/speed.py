@@ -56,7 +56,8 @@ def run(task: SpeedTask, context: EvalContext) -> TaskResult:
     }
     details = {
         "prompt_tokens": samples[0].prompt_tokens if samples else task.prompt_tokens,
-        "output_tokens": [s.output_tokens for s in samples],
+        "output_tokens": samples[0].output_tokens if samples else task.output_tokens,
+        "output_tokens_per_run": [s.output_tokens for s in samples],
         "repeats": task.repeats,
         "statistic": "median",
         "memory": "peak resident set size of the eval process while generating (model weights included)",
