@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from llmctl.errors import LlmctlError, UsageError
+from llmctl.errors import UsageError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
 from llmctl.serve import protocol as wire
 from llmctl.serve.errors import APIError, bad_request, internal_error
