@@ -89,7 +89,7 @@ def test_tiny_llama_manifest_records_tensors(tiny_gguf_artifact) -> None:
     step = manifest["steps"][0]
     records = {record["gguf_tensor"]: record for record in step["gguf_tensors"]}
     assert records["blk.0.attn_q.weight"]["gguf_type"] == "Q4_1"
-    assert records["blk.0.attn_q.weight"]["became"] == "MatMulNBits 4-bit block 32, float zero points"
+    assert records["blk.0.attn_q.weight"]["became"] == "MatMulNBits 4-bit block 32, uint8 zero points, block offsets"
     assert records["blk.1.ffn_down.weight"]["became"].endswith("block offsets")
     assert records["token_embd.weight"]["became"] == "GatherBlockQuantized 8-bit block 32"
     assert manifest["model"]["dtype"] == "gguf"

@@ -8,11 +8,11 @@ exactly, so a GGUF weight becomes a ``MatMulNBits`` weight with the same codes:
 - symmetric formats use the operator's default zero point: Q4_0 (8, the 4-bit default);
   Q5_0, Q6_K and Q8_0 store their codes shifted so that their offset (16, 32, 0) lands on
   the 8-bit default of 128;
-- 4-bit formats with a minimum (``value = d * q + m``: Q4_1, Q4_K) get the float zero point
-  ``-m / d``;
-- 5-bit formats with a minimum (Q5_1, Q5_K) keep ``m`` as a per-block offset, because the
-  CPU kernel of ``MatMulNBits`` (onnxruntime 1.32) rejects float zero points with 8-bit
-  codes. The graph then adds ``m`` times the block sums of the input (see ``transcode``);
+- formats with a minimum (``value = d * q + m``: Q4_1, Q5_1, Q4_K, Q5_K) keep a zero point
+  of 0 and ``m`` as a per-block offset, and the graph adds ``m`` times the block sums of the
+  input (see ``transcode``). Float zero points ``-m / d`` would need no extra branch, but the
+  CPU kernel of ``MatMulNBits`` (onnxruntime 1.32) rejects them with 8-bit codes and runs
+  about 10 times slower with them on 4-bit codes;
 - K-quants carry 6-bit sub-block scales and minimums under a super-block scale; these are
   multiplied out into one scale (and minimum) per sub-block: 32 values for Q4_K and Q5_K,
   16 for Q6_K;
@@ -108,29 +108,9 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 def _affine(source_type: str, bits: int, block_size: int, codes: np.ndarray, d: np.ndarray, m: np.ndarray) -> BlockWeight:
-    """Build a weight whose blocks read ``value = d * code + m``.
-
-    4-bit codes get the float zero point ``-m / d``. A block with ``d == 0`` holds the single
-    value ``m``: its codes are set to 1, its scale to ``m`` and its minimum to 0, which
-    represents it exactly. When ``m`` is 0 too, the codes are 0 and the scale 1. 8-bit codes
-    keep ``m`` as an offset with a zero point of 0.
-    """
-    if bits == 8:
-        zero_codes = np.zeros(d.shape, dtype=np.uint8)
-        return BlockWeight(source_type, bits, block_size, codes, d.astype(np.float32), zero_codes, m.astype(np.float32))
-
-    constant = d == 0
-    zero_block = constant & (m == 0)
-    scale = np.where(zero_block, 1.0, np.where(constant, m, d)).astype(np.float32)
-    minimum = np.where(constant, 0.0, m).astype(np.float32)
-    zero = (-minimum / scale).astype(np.float32)
-    if constant.any():
-        n, n_blocks = d.shape
-        blocks = codes.reshape(n, n_blocks, block_size)
-        blocks[constant] = 1
-        blocks[zero_block] = 0
-        codes = blocks.reshape(codes.shape)
-    return BlockWeight(source_type, bits, block_size, codes, scale, zero, None, minimum)
+    """Build a weight whose blocks read ``value = d * code + m``: zero point 0, offset ``m``."""
+    zero_codes = np.zeros(d.shape, dtype=np.uint8)
+    return BlockWeight(source_type, bits, block_size, codes, d.astype(np.float32), zero_codes, m.astype(np.float32))
 
 
 def _blocks(raw: np.ndarray, type_size: int) -> tuple[np.ndarray, int, int]:

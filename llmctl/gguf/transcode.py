@@ -540,12 +540,12 @@ class _Graph:
         block_shape = f"{prefix}.block_shape"
         self.set_initializer(block_shape, np.array([0, 0, n_blocks, weight.block_size], dtype=np.int64))
         self.set_initializer(f"{prefix}.reduce_axes", np.array([-1], dtype=np.int64))
-        self.set_initializer(f"{prefix}.weight_offset", np.ascontiguousarray(weight.offsets.T, dtype=np.float32))
+        offsets = self.float_constant(f"{prefix}.weight_offset", np.ascontiguousarray(weight.offsets.T, dtype=np.float32))
         self.add_node("Reshape", [activation, block_shape], [f"{output}/blocks"], f"{prefix}/OffsetReshape")
         self.add_node(
             "ReduceSum", [f"{output}/blocks", f"{prefix}.reduce_axes"], [f"{output}/block_sums"], f"{prefix}/OffsetSum", keepdims=0
         )
-        self.add_node("MatMul", [f"{output}/block_sums", f"{prefix}.weight_offset"], [f"{output}/offset"], f"{prefix}/OffsetMatMul")
+        self.add_node("MatMul", [f"{output}/block_sums", offsets], [f"{output}/offset"], f"{prefix}/OffsetMatMul")
         self.add_node("Add", [product, f"{output}/offset"], [output], f"{prefix}/OffsetAdd")
 
     def gather_block_quantized(self, gather: Any, weight: blocks.BlockWeight, head_weight: str | None) -> None:
