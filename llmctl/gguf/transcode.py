@@ -106,6 +106,10 @@ def transcode(
             products equal to the dequantized ones; 4 quantizes activations to int8 on CPU
             (faster, no longer exact for integer zero points).
 
+    NOTE: with onnxruntime 1.32 on CPU, 8-bit ``MatMulNBits`` at accuracy level 0 takes a slow
+    path (about 340 ms for SmolLM2's 49152 x 576 Q8_0 output head, 5 ms at level 4), so a
+    transcoded model with an 8-bit head decodes at a few tokens/s until this is addressed.
+
     Returns:
         The per-tensor record of what each GGUF tensor became.
 
