@@ -85,7 +85,7 @@ def _reference_perplexity(model, token_ids: list[int], context: int, stride: int
 def test_perplexity_matches_transformers(torch_backend, hf_model, tmp_path: Path, context: int, stride: int) -> None:
     model, tokenizer = hf_model
     text = CORPUS.read_text(encoding="utf-8")
-    # The corpus holds chat markup; eval scores it as plain text, as the runtime tokenizes user text.
+    # The corpus contains chat markup, which eval scores as plain text as the runtime tokenizes user text.
     token_ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
     assert len(token_ids) > 2 * context, "the corpus must span several windows"
     expected = _reference_perplexity(model, token_ids, context, stride)

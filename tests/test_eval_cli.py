@@ -276,7 +276,7 @@ def test_eval_unreachable_url() -> None:
 
 @pytest.fixture()
 def failing_server():
-    """A server on 127.0.0.1 that lists a model and answers every other request with HTTP 500."""
+    """A server on 127.0.0.1 that lists a model and responds to every other request with HTTP 500."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):

@@ -1,9 +1,10 @@
 """An OpenAI-compatible server as the eval target, through httpx.
 
 Log-likelihood tasks send ``/v1/completions`` requests with ``echo`` and ``logprobs`` and read
-the prompt tokens' log-probabilities back; a server that does not support that has those
-tasks skipped with its answer as the reason, and generation tasks still run. An unreachable
-server, or one that answers a request with an error, stops the run with ``InputError``.
+the prompt tokens' log-probabilities back. When a server does not support that, those tasks
+are skipped with its error message as the reason, and generation tasks still run. An
+unreachable server, or one that responds to a request with an error, stops the run with
+``InputError``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from llmctl.eval.target import Advance, RollingScore, SpeedSample, cut_at_stop
 
 logger = logging.getLogger(__name__)
 
-# Status codes with which a server says a request's parameters are not supported.
+# Status codes with which a server rejects a request whose parameters it does not support.
 UNSUPPORTED_STATUSES = {400, 404, 405, 422, 501}
 
 
@@ -37,7 +38,7 @@ def _error_message(response: Any) -> str:
 
 
 class ServerError(InputError):
-    """A server answered a request with an error status."""
+    """A server responded to a request with an error status."""
 
     def __init__(self, message: str, *, status: int, hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -55,8 +56,8 @@ class HttpTarget:
 
     Raises:
         UsageError: the URL is not http(s).
-        InputError: the server cannot be reached, answers ``GET /models`` with an error, or
-            does not list ``model``.
+        InputError: the server cannot be reached, responds to ``GET /models`` with an error,
+            or does not list ``model``.
     """
 
     kind = "url"
@@ -82,7 +83,7 @@ class HttpTarget:
         try:
             response = self._client.request(method, url, json=payload)
         except httpx.TimeoutException:
-            raise InputError(f"{url} did not answer in time", hint="check the server or raise --timeout") from None
+            raise InputError(f"{method} {url} timed out", hint="check the server or raise --timeout") from None
         except httpx.HTTPError as error:
             raise InputError(f"cannot reach {url}: {error}", hint="check --url and that the server is running") from None
         if response.status_code >= 400:
@@ -114,7 +115,7 @@ class HttpTarget:
     def _echo_logprobs(self, prompt: str) -> tuple[list[float | None], list[int]]:
         """Return the log-probability and character offset of each prompt token.
 
-        ``max_tokens: 0`` with ``echo`` asks for the prompt's log-probabilities alone, as the
+        ``max_tokens: 0`` with ``echo`` requests the prompt's log-probabilities alone, as the
         OpenAI completions API defined it.
         """
         body = self._request("POST", "/completions", {
@@ -148,8 +149,8 @@ class HttpTarget:
     def loglikelihoods(self, requests: Sequence[tuple[str, str]], advance: Advance | None = None) -> list[float]:
         """Return the summed log-probability of each continuation given its context.
 
-        The pair is split as lm-evaluation-harness splits it: trailing spaces of the context
-        move to the continuation, the joined text is tokenized once (by the server), and the
+        The pair is split as lm-evaluation-harness splits it. Trailing spaces of the context
+        move to the continuation, and the server tokenizes the joined text once. The
         continuation is every token after as many tokens as the context alone has.
         """
         context_lengths: dict[str, int] = {}
@@ -178,9 +179,9 @@ class HttpTarget:
     ) -> RollingScore:
         """Score the text in pieces of whole lines that fit the context.
 
-        NOTE: without the server's tokenizer the pieces do not overlap and are cut by
-        characters (two per token of ``context``), so each piece's first token is not scored
-        and the figure is close to, not equal to, a local sliding-window perplexity.
+        NOTE: without the server's tokenizer, the pieces are cut by characters (two per token
+        of ``context``) and do not overlap. Each piece's first token is not scored, so the
+        figure is close to, not equal to, a local sliding-window perplexity.
         """
         pieces = _line_pieces(text, max(16, context * 2))
         if max_windows is not None:
@@ -232,8 +233,8 @@ class HttpTarget:
             The timed samples, and None for memory: a client cannot see the server's memory.
         """
         words = text.split()
-        wanted = max(1, prompt_tokens * 3 // 4)  # about 4/3 tokens per English word
-        prompt = " ".join((words * (wanted // max(1, len(words)) + 1))[:wanted])
+        word_count = max(1, prompt_tokens * 3 // 4)  # estimate: about 4/3 tokens per English word
+        prompt = " ".join((words * (word_count // max(1, len(words)) + 1))[:word_count])
         samples = []
         for run in range(repeats + 1):
             sample = self._timed_stream(prompt, output_tokens)
@@ -283,7 +284,7 @@ class HttpTarget:
 def _first_choice(body: dict[str, Any]) -> dict[str, Any]:
     choices = body.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise InputError("the server's answer has no choices")
+        raise InputError("the server's response has no choices")
     return choices[0]
 
 

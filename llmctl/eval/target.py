@@ -202,10 +202,10 @@ class LocalTarget:
     def speed_prompt(self, text: str, prompt_tokens: int, output_tokens: int) -> list[int]:
         token_ids = self.backend.encode(text, add_special_tokens=True)
         room = max(1, self.backend.context_length - output_tokens)
-        wanted = min(prompt_tokens, room)
-        while len(token_ids) < wanted:
+        length = min(prompt_tokens, room)
+        while len(token_ids) < length:
             token_ids = token_ids + token_ids
-        return token_ids[:wanted]
+        return token_ids[:length]
 
     def measure_speed(self, text: str, prompt_tokens: int, output_tokens: int, repeats: int, advance: Advance | None = None) -> tuple[list[SpeedSample], float | None]:
         """Time one warm-up and ``repeats`` greedy generations that ignore end of sequence.

@@ -1,9 +1,9 @@
 """Multiple-choice accuracy by the log-likelihood of each choice, as lm-evaluation-harness scores it.
 
 Each choice is scored as the continuation ``" " + choice`` of the context. ``acc`` picks the
-choice with the highest summed log-likelihood; ``acc_norm`` divides each sum by the length of
-the choice text in UTF-8 bytes first (lm-evaluation-harness divides by ``len(choice)``, which
-is the same for ASCII text).
+choice with the highest summed log-likelihood. ``acc_norm`` first divides each sum by the
+length of the choice text in UTF-8 bytes. lm-evaluation-harness divides by ``len(choice)``,
+which is the same for ASCII text.
 """
 
 from __future__ import annotations
