@@ -284,6 +284,58 @@ def test_concurrent_generations_match_sequential(backends, name: str) -> None:
     assert [results[i] for i in range(len(prompts))] == expected
 
 
+@pytest.fixture(scope="module")
+def engine_eos_case(genai_unbatched, tiny_llama_genai: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A copy of the GenAI artifact whose end-of-sequence id is a token greedy decoding reaches.
+
+    Returns the batched backend on the copy, the prompt, and the greedy tokens up to and
+    including that end-of-sequence token.
+    """
+    prompt = genai_unbatched.encode(PROMPT)
+    greedy = _tokens(genai_unbatched, prompt, max_tokens=12, temperature=0, ignore_eos=True)
+    stop_at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])
+    folder = tmp_path_factory.mktemp("genai-eos") / "artifact"
+    shutil.copytree(tiny_llama_genai, folder)
+    config_path = folder / "genai_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["model"]["eos_token_id"] = greedy[stop_at]
+    config_path.write_text(json.dumps(config), encoding="utf-8")
+    backend = open_backend(folder, "genai")
+    yield backend, prompt, greedy[: stop_at + 1]
+    backend.close()
+
+
+def test_engine_request_ends_on_eos(engine_eos_case) -> None:
+    backend, prompt, expected = engine_eos_case
+    steps = list(backend.generate(prompt, SamplingParams(max_tokens=12, temperature=0)))
+    assert [step.token_id for step in steps] == expected
+    assert steps[-1].finish_reason == "stop"
+    assert all(step.finish_reason is None for step in steps[:-1])
+    assert backend._engine.active_requests == 0
+
+
+def test_engine_eos_beside_running_request(engine_eos_case) -> None:
+    backend, prompt, expected = engine_eos_case
+    results: dict[str, list] = {}
+
+    def run(name: str, params: SamplingParams) -> None:
+        results[name] = list(backend.generate(prompt, params))
+
+    threads = [
+        threading.Thread(target=run, args=("long", SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))),
+        threading.Thread(target=run, args=("stopping", SamplingParams(max_tokens=12, temperature=0))),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert [step.token_id for step in results["stopping"]] == expected
+    assert results["stopping"][-1].finish_reason == "stop"
+    assert len(results["long"]) == 40
+    assert results["long"][-1].finish_reason == "length"
+
+
 # Chat template and special tokens
 
 

@@ -62,6 +62,7 @@ class GenAIBackend(ScoringBackend):
         # Serializes Generator calls: GenAI documents no thread-safety for concurrent generators.
         self._lock = threading.Lock()
         self._engine: _EngineWorker | None = None
+        self._engine_eos_id: int | None = None
         self._scorer: OnnxDecoder | None = None
         self._scorer_lock = threading.Lock()
 
@@ -99,6 +100,8 @@ class GenAIBackend(ScoringBackend):
         if isinstance(genai_eos, int):
             genai_eos = [genai_eos]
         self._eos_ids = sorted(set(self._eos_ids) | {int(e) for e in genai_eos or []})
+        # The id reported for a request the engine ended on an end-of-sequence token.
+        self._engine_eos_id = int(genai_eos[0]) if genai_eos else (self._eos_ids[0] if self._eos_ids else None)
         if self.batching:
             self._engine = _EngineWorker(og.Engine(self.model))
 
@@ -202,6 +205,14 @@ class GenAIBackend(ScoringBackend):
                 if isinstance(item, BaseException):
                     raise RuntimeBackendError(f"onnxruntime_genai engine failed: {item}") from item
                 new_tokens, done = item
+                if done and not new_tokens:
+                    # The engine ended the request on an end-of-sequence token, which it does
+                    # not hand out as an unseen token.
+                    # NOTE: the engine does not say which end-of-sequence id it sampled, so a
+                    # model with several reports the first one of genai_config.json.
+                    if self._engine_eos_id is None:
+                        return
+                    new_tokens = [self._engine_eos_id]
                 for index, token in enumerate(new_tokens):
                     count += 1
                     finish = self._finish_reason(token, count, budget, done and index == len(new_tokens) - 1, params)
@@ -314,11 +325,22 @@ class _EngineWorker:
                 self._take_cancellations()
                 if not self._streams:
                     continue
-                request = self._engine.step()
+                try:
+                    request = self._engine.step()
+                except RuntimeError:
+                    # A step whose requests all end on an end-of-sequence token has no token to
+                    # hand out, and og.Engine (0.12.2) raises "Expected at least one request to
+                    # be ready". Those requests are done; anything else is a real failure.
+                    if not self._drain_finished():
+                        raise
+                    continue
                 if request is None:
                     self._drain_all()
                 else:
                     self._drain(request)
+                # A request that ends on an end-of-sequence token in a batch with others is
+                # never returned by step(), so its stream would wait forever.
+                self._drain_finished()
             except Exception as error:  # a failed step fails every request in flight, not the thread
                 logger.exception("GenAI engine step failed; failing %d requests", len(self._streams))
                 for request, tokens in self._streams.values():
@@ -351,3 +373,10 @@ class _EngineWorker:
     def _drain_all(self) -> None:
         for key in list(self._streams):
             self._drain(self._streams[key][0])
+
+    def _drain_finished(self) -> int:
+        """Hand out and remove every request the engine finished; return how many there were."""
+        finished = [request for request, _ in self._streams.values() if request.is_done()]
+        for request in finished:
+            self._drain(request)
+        return len(finished)
