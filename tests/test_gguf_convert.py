@@ -161,6 +161,39 @@ def test_unmapped_architecture_rejected(tiny_llama: Path, tmp_path: Path) -> Non
     assert not out.exists()
 
 
+def _cli(*args) -> object:
+    from typer.testing import CliRunner
+
+    from llmctl.cli.main import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def test_cli_gguf_fallback_requantize(tiny_llama: Path, tmp_path: Path) -> None:
+    gguf_path = _write_with_iq4_nl(tiny_llama, tmp_path / "iq4.gguf")
+    result = _cli("convert", gguf_path, "-o", tmp_path / "out", "--gguf-fallback", "requantize", "--no-validate", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["gguf"]["fallback"] == "requantize"
+    assert set(summary["gguf"]["requantized"]) == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
+
+
+def test_cli_gguf_fallback_default_rejects(tiny_llama: Path, tmp_path: Path) -> None:
+    gguf_path = _write_with_iq4_nl(tiny_llama, tmp_path / "iq4.gguf")
+    result = _cli("convert", gguf_path, "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "IQ4_NL" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_gguf_fallback_unknown_value(tiny_gguf: Path, tmp_path: Path) -> None:
+    result = _cli("convert", tiny_gguf, "-o", tmp_path / "out", "--gguf-fallback", "dequantize")
+    assert result.exit_code == 2, result.output
+    assert "unknown GGUF fallback 'dequantize'" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def _write_with_iq4_nl(folder: Path, path: Path) -> Path:
     """Write the tiny Llama with its down projections as IQ4_NL, a type with a lookup table."""
     import gguf

@@ -27,6 +27,11 @@ def render_summary(summary: dict[str, Any]) -> None:
     for key in ("exporter", "runtime", "dtype", "head", "embedding"):
         if key in summary:
             table.add_row(key, str(summary[key]))
+    gguf = summary.get("gguf")
+    if gguf:
+        counts = ", ".join(f"{count} {became}" for became, count in gguf["counts"].items())
+        requantized = f"; requantized to Q8_0: {', '.join(gguf['requantized'])}" if gguf["requantized"] else ""
+        table.add_row("gguf tensors", counts + requantized)
     parity = summary.get("parity")
     if parity:
         table.add_row(
@@ -52,6 +57,14 @@ def convert_command(
     force: ForceOpt = False,
     keep_failed: KeepFailedOpt = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the parity check against PyTorch.")] = False,
+    gguf_fallback: Annotated[
+        str,
+        typer.Option(
+            "--gguf-fallback",
+            help="For a .gguf SOURCE without --dtype: error rejects a block type or architecture whose "
+            "quantization cannot be kept exactly; requantize quantizes those weights again to Q8_0.",
+        ),
+    ] = "error",
     as_json: JsonOpt = False,
 ) -> None:
     """Convert SOURCE to ONNX and check it against the PyTorch model."""
@@ -63,9 +76,11 @@ def convert_command(
         raise UsageError(f"unknown exporter {exporter!r}", hint=f"choose one of: {', '.join(EXPORTER_CHOICES)}")
     if dtype is not None and dtype not in ("fp32", "fp16"):
         raise UsageError(f"unknown dtype {dtype!r}", hint="choose fp32 or fp16")
+    if gguf_fallback not in ("error", "requantize"):
+        raise UsageError(f"unknown GGUF fallback {gguf_fallback!r}", hint="choose error or requantize")
     result = convert(
         source, output, profile=load_profile(profile), exporter=exporter, dtype=dtype, force=force,
-        keep_failed=keep_failed, validate=not no_validate,
+        keep_failed=keep_failed, validate=not no_validate, gguf_fallback=gguf_fallback,
     )
     finish(result.summary, as_json, "convert", "convert_tolerance")
 
