@@ -36,10 +36,9 @@ def _write_matrix_gguf(path: Path, type_name: str, raw: np.ndarray) -> Path:
     return path
 
 
-def _matmul_nbits(weight: blocks.BlockWeight, activation: np.ndarray, accuracy_level: int) -> np.ndarray:
-    """Run the transcoder's MatMulNBits (with its offset branch) on ONNX Runtime's CPU provider."""
+def _matmul_model(weight: blocks.BlockWeight, accuracy_level: int):
+    """Build a model with the transcoder's MatMulNBits (and offset branch) for ``weight``."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     from llmctl.gguf.transcode import _Graph
@@ -57,6 +56,14 @@ def _matmul_nbits(weight: blocks.BlockWeight, activation: np.ndarray, accuracy_l
     editor.matmul_nbits("A2", "Y", "w.MatMul.weight", weight, accuracy_level)
     editor.finish()
     onnx.checker.check_model(model)
+    return model
+
+
+def _matmul_nbits(weight: blocks.BlockWeight, activation: np.ndarray, accuracy_level: int) -> np.ndarray:
+    """Run the transcoder's MatMulNBits (with its offset branch) on ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    model = _matmul_model(weight, accuracy_level)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"A": activation})[0]
 
@@ -87,6 +94,56 @@ def test_matmul_nbits_equals_dequantized_product(tmp_path: Path, type_name: str,
     product = _matmul_nbits(blocks.decode(type_name, tensor.data), activation, accuracy_level)
     relative = np.abs(product - expected).max() / np.abs(expected).max()
     assert relative < 1e-5
+
+
+@pytest.mark.parametrize("type_name", ["Q5_0", "Q5_1"])
+def test_five_bit_codes_unpack_to_codes(type_name: str) -> None:
+    weight = blocks.decode(type_name, _raw_blocks(type_name))
+    assert weight.five_bit is not None
+    unpacked = weight.five_bit.unpack().reshape(weight.shape) + np.uint8(weight.five_bit.shift)
+    np.testing.assert_array_equal(unpacked, weight.codes)
+
+
+@pytest.mark.parametrize("type_name", K_TYPES)
+def test_k_quant_factors_equal_scales(type_name: str) -> None:
+    from llmctl.gguf.transcode import _factors_exact
+
+    weight = blocks.decode(type_name, _raw_blocks(type_name))
+    assert _factors_exact(weight.scale_factors, weight.scales)
+    if weight.offsets is not None:
+        assert _factors_exact(weight.offset_factors, weight.offsets)
+
+
+# GGUF sizes in bits per value: Q5_0 5.5, Q8_0 8.5, Q4_K 4.5, Q6_K 6.5625. The graph stores
+# K-quant sub-block factors as whole bytes (Q4_K: 4.625) and Q6_K codes as 8-bit codes.
+@pytest.mark.parametrize(("type_name", "max_bits_per_value"), [("Q5_0", 5.6), ("Q8_0", 8.6), ("Q4_K", 4.7), ("Q6_K", 8.7)])
+def test_graph_stores_gguf_size(type_name: str, max_bits_per_value: float) -> None:
+    model = _matmul_model(blocks.decode(type_name, _raw_blocks(type_name)), 0)
+    stored = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+    assert stored * 8 / (ROWS * COLUMNS) <= max_bits_per_value
+
+
+def test_8bit_weight_runs_as_4bit_node() -> None:
+    model = _matmul_model(blocks.decode("Q8_0", _raw_blocks("Q8_0")), 0)
+    nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    assert len(nodes) == 1
+    attributes = {attribute.name: attribute.i for attribute in nodes[0].attribute}
+    assert attributes["bits"] == 4
+    assert attributes["K"] == 2 * COLUMNS
+
+
+def test_rotary_caches_recovered() -> None:
+    import torch
+
+    from llmctl.gguf.transcode import _rotary_inverse_frequencies
+
+    dim, length = 64, 512
+    inverse = 1.0 / (1_000_000.0 ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inverse)
+    cos, sin = torch.cos(angles).numpy(), torch.sin(angles).numpy()
+    np.testing.assert_array_equal(_rotary_inverse_frequencies(cos, sin), inverse.numpy())
+    scaled = cos * np.float32(1.5)
+    assert _rotary_inverse_frequencies(scaled, sin) is None
 
 
 def test_affine_zero_scale_block_is_exact() -> None:

@@ -90,11 +90,31 @@ def test_tiny_llama_manifest_records_tensors(tiny_gguf_artifact) -> None:
     records = {record["gguf_tensor"]: record for record in step["gguf_tensors"]}
     assert records["blk.0.attn_q.weight"]["gguf_type"] == "Q4_1"
     assert records["blk.0.attn_q.weight"]["became"] == "MatMulNBits 4-bit block 32, uint8 zero points, block offsets"
-    assert records["blk.1.ffn_down.weight"]["became"].endswith("block offsets")
+    assert "block offsets" in records["blk.1.ffn_down.weight"]["became"]
+    assert records["blk.1.ffn_down.weight"]["became"].endswith("stored as 5-bit codes")
+    assert records["blk.0.ffn_up.weight"]["became"] == "MatMulNBits 8-bit block 32 (run as 4-bit halves), stored as 5-bit codes"
+    assert records["blk.0.attn_v.weight"]["became"] == "MatMulNBits 8-bit block 32 (run as 4-bit halves)"
     assert records["token_embd.weight"]["became"] == "GatherBlockQuantized 8-bit block 32"
     assert manifest["model"]["dtype"] == "gguf"
     assert tiny_gguf_artifact.summary["gguf"]["requantized"] == []
+    assert tiny_gguf_artifact.summary["gguf"]["computed_at_load"] == ["cos_cache", "sin_cache"]
     assert tiny_gguf_artifact.summary["parity"]["passed"]
+
+
+def test_head_accuracy_level_4(tiny_gguf: Path, tmp_path: Path) -> None:
+    from llmctl.gguf.transcode import transcode
+
+    folder = _convert(tiny_gguf, tmp_path / "fp32", dtype="fp32", exporter="genai", validate=False).path
+    report = transcode(folder, tiny_gguf, head_accuracy_level=4)
+    heads = [record for record in report.tensors if record.onnx_weight == "lm_head.MatMul.weight"]
+    assert [record.became for record in heads] == ["MatMulNBits 8-bit block 32, accuracy level 4"]
+    assert report.to_dict()["head_accuracy_level"] == 4
+
+    token_ids = [5, 17, 42, 99, 3, 250, 7, 64, 128, 11]
+    expected = _reference_logits(tiny_gguf, token_ids)
+    logits = _genai_logits(folder, token_ids)
+    # The head's input is quantized to int8 blocks, so the logits are close but not equal.
+    assert np.abs(logits - expected).max() < 5e-2 * np.abs(expected).max()
 
 
 def test_untied_head_and_float_embedding(tiny_llama_untied: Path, tmp_path: Path) -> None:
@@ -150,7 +170,7 @@ def test_unsupported_block_type_requantized(tiny_llama: Path, tmp_path: Path) ->
     assert set(result.summary["gguf"]["requantized"]) == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
     records = {record.gguf_tensor: record for record in _records(result)}
     assert records["blk.0.ffn_down.weight"].became.startswith("requantized to Q8_0")
-    assert records["blk.0.attn_q.weight"].became == "MatMulNBits 8-bit block 32"
+    assert records["blk.0.attn_q.weight"].became == "MatMulNBits 8-bit block 32 (run as 4-bit halves)"
 
 
 def test_unmapped_architecture_rejected(tiny_llama: Path, tmp_path: Path) -> None:

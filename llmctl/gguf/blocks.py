@@ -15,8 +15,10 @@ exactly, so a GGUF weight becomes a ``MatMulNBits`` weight with the same codes:
   about 10 times slower with them on 4-bit codes;
 - K-quants carry 6-bit sub-block scales and minimums under a super-block scale; these are
   multiplied out into one scale (and minimum) per sub-block: 32 values for Q4_K and Q5_K,
-  16 for Q6_K;
-- 5- and 6-bit codes are stored as 8-bit codes.
+  16 for Q6_K. The factors are kept too (``FactoredValues``), so that the graph can store
+  them at the GGUF's size and multiply them out when it loads;
+- 5- and 6-bit codes are 8-bit codes. Q5_0 and Q5_1 also keep their packed 5-bit form
+  (``FiveBitCodes``), which the graph can store and unpack when it loads.
 
 The block layouts follow ggml's reference C implementation (``ggml-quants.c``); the tests
 check every decoder against ``gguf.quants.dequantize``.
@@ -30,6 +32,50 @@ from dataclasses import dataclass
 import numpy as np
 
 QK_K = 256  # values per K-quant super-block
+
+
+@dataclass
+class FiveBitCodes:
+    """Q5_0 and Q5_1 codes as the GGUF packs them: ``codes = (low | high_bit << 4) + shift``.
+
+    Attributes:
+        low_nibbles: uint8 ``[N, n_blocks, 16]``; byte j holds the low 4 bits of codes j
+            (low nibble) and j + 16 (high nibble) of its block.
+        high_bits: uint8 ``[N, n_blocks, 4]``; bit j of this little-endian 32-bit field is
+            the 5th bit of code j.
+        shift: added to every unpacked 5-bit value to give ``BlockWeight.codes``.
+    """
+
+    low_nibbles: np.ndarray
+    high_bits: np.ndarray
+    shift: int
+
+    def select_rows(self, rows: np.ndarray) -> FiveBitCodes:
+        return FiveBitCodes(self.low_nibbles[rows], self.high_bits[rows], self.shift)
+
+    def unpack(self) -> np.ndarray:
+        """Return the 5-bit values (without ``shift``) as uint8 ``[N, n_blocks, 32]``."""
+        n, n_blocks, _ = self.low_nibbles.shape
+        return (_nibbles(self.low_nibbles) | _high_bits_32(self.high_bits)).reshape(n, n_blocks, 32)
+
+
+@dataclass
+class FactoredValues:
+    """Per-block values that a K-quant stores as a super-block scale times an integer factor.
+
+    ``values[:, b] == super_scales[:, b // per_super] * factors[:, b]`` holds exactly in
+    float32, because a float16 scale times an integer below 2**8 needs at most 19 bits.
+
+    Attributes:
+        super_scales: float32 ``[N, n_super]``, each exactly a float16 value.
+        factors: uint8 or int8 ``[N, n_blocks]``.
+    """
+
+    super_scales: np.ndarray
+    factors: np.ndarray
+
+    def select_rows(self, rows: np.ndarray) -> FactoredValues:
+        return FactoredValues(self.super_scales[rows], self.factors[rows])
 
 
 @dataclass
@@ -49,6 +95,9 @@ class BlockWeight:
         minimums: for float zero points, the block minimums ``m`` they were computed from
             (``zero_point = -m / scale``). They are float16-exact for Q4_1, so the graph can
             store them at half the size and derive the zero points when it loads.
+        five_bit: the packed form of 5-bit codes, or None.
+        scale_factors: ``scales`` as K-quant factors, or None.
+        offset_factors: ``offsets`` as K-quant factors, or None.
     """
 
     source_type: str
@@ -59,6 +108,9 @@ class BlockWeight:
     zero_points: np.ndarray | None
     offsets: np.ndarray | None = None
     minimums: np.ndarray | None = None
+    five_bit: FiveBitCodes | None = None
+    scale_factors: FactoredValues | None = None
+    offset_factors: FactoredValues | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -93,7 +145,10 @@ class BlockWeight:
         offsets = None if self.offsets is None else self.offsets[rows]
         minimums = None if self.minimums is None else self.minimums[rows]
         return BlockWeight(
-            self.source_type, self.bits, self.block_size, self.codes[rows], self.scales[rows], zero, offsets, minimums
+            self.source_type, self.bits, self.block_size, self.codes[rows], self.scales[rows], zero, offsets, minimums,
+            five_bit=None if self.five_bit is None else self.five_bit.select_rows(rows),
+            scale_factors=None if self.scale_factors is None else self.scale_factors.select_rows(rows),
+            offset_factors=None if self.offset_factors is None else self.offset_factors.select_rows(rows),
         )
 
 
@@ -146,17 +201,20 @@ def _high_bits_32(qh_bytes: np.ndarray) -> np.ndarray:
 def decode_q5_0(raw: np.ndarray) -> BlockWeight:
     blocks, n, n_blocks = _blocks(raw, 22)
     d = _f16(blocks[..., 0:2]).reshape(n, n_blocks)
-    codes = (_nibbles(blocks[..., 6:22]) | _high_bits_32(blocks[..., 2:6])).reshape(n, n_blocks * 32)
+    five_bit = FiveBitCodes(blocks[..., 6:22], blocks[..., 2:6], shift=112)
+    codes = five_bit.unpack().reshape(n, n_blocks * 32)
     # value = d * (q - 16) = d * ((q + 112) - 128), and 128 is the 8-bit default zero point.
-    return BlockWeight("Q5_0", 8, 32, codes + np.uint8(112), d, None)
+    return BlockWeight("Q5_0", 8, 32, codes + np.uint8(112), d, None, five_bit=five_bit)
 
 
 def decode_q5_1(raw: np.ndarray) -> BlockWeight:
     blocks, n, n_blocks = _blocks(raw, 24)
     d = _f16(blocks[..., 0:2]).reshape(n, n_blocks)
     m = _f16(blocks[..., 2:4]).reshape(n, n_blocks)
-    codes = (_nibbles(blocks[..., 8:24]) | _high_bits_32(blocks[..., 4:8])).reshape(n, n_blocks * 32)
-    return _affine("Q5_1", 8, 32, codes, d, m)
+    five_bit = FiveBitCodes(blocks[..., 8:24], blocks[..., 4:8], shift=0)
+    weight = _affine("Q5_1", 8, 32, five_bit.unpack().reshape(n, n_blocks * 32), d, m)
+    weight.five_bit = five_bit
+    return weight
 
 
 def decode_q8_0(raw: np.ndarray) -> BlockWeight:
@@ -204,7 +262,10 @@ def _k_affine(source_type: str, bits: int, raw: np.ndarray, type_size: int, with
         codes = _k_nibbles(blocks[..., 16:144])
     scale = (d * sub_scales).reshape(n, n_super * 8)
     minimum = -(dmin * sub_mins).reshape(n, n_super * 8)
-    return _affine(source_type, bits, 32, codes.reshape(n, n_super * QK_K).astype(np.uint8), scale, minimum)
+    weight = _affine(source_type, bits, 32, codes.reshape(n, n_super * QK_K).astype(np.uint8), scale, minimum)
+    weight.scale_factors = FactoredValues(d[..., 0], sub_scales.reshape(n, n_super * 8).astype(np.uint8))
+    weight.offset_factors = FactoredValues(-dmin[..., 0], sub_mins.reshape(n, n_super * 8).astype(np.uint8))
+    return weight
 
 
 def decode_q4_k(raw: np.ndarray) -> BlockWeight:
@@ -229,8 +290,9 @@ def decode_q6_k(raw: np.ndarray) -> BlockWeight:
     codes = (low | (high << 4)).reshape(n, n_super * QK_K).astype(np.uint8)
 
     scale = (d * sub_scales).reshape(n, n_super * 16)
+    factors = FactoredValues(d[..., 0], sub_scales.reshape(n, n_super * 16).astype(np.int8))
     # value = scale * (q - 32) = scale * ((q + 96) - 128), 128 being the 8-bit default zero point.
-    return BlockWeight("Q6_K", 8, 16, codes + np.uint8(96), scale, None)
+    return BlockWeight("Q6_K", 8, 16, codes + np.uint8(96), scale, None, scale_factors=factors)
 
 
 DECODERS: dict[str, Callable[[np.ndarray], BlockWeight]] = {
