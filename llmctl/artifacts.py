@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmctl import __version__
 from llmctl.errors import InputError, OutputExistsError, UsageError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "llmctl.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -156,41 +161,205 @@ def verify_manifest(folder: Path, manifest: Manifest) -> list[str]:
     return problems
 
 
-def check_output_path(out: Path, force: bool) -> None:
-    """Reject an output path that cannot be written before any work starts.
+def _resolved(path: Path | str) -> Path:
+    """Return ``path`` as an absolute path with every symbolic link followed."""
+    return Path(os.path.expanduser(str(path))).resolve()
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    """Return whether resolved ``path`` is ``folder`` or lies under it."""
+    return path == folder or folder in path.parents
+
+
+def _check_against_inputs(out: Path, target: Path, inputs: tuple[Path | str, ...]) -> None:
+    """Reject an output folder that would replace, contain or sit inside one of the inputs."""
+    for given in inputs:
+        source = _resolved(given)
+        if _is_within(source, target):
+            relation = "is the input" if source == target else "contains the input"
+            raise UsageError(
+                f"output path {out} {relation} {given}; writing it would delete the input",
+                hint="choose an output folder outside the input, e.g. -o {}-onnx".format(source.name or "model"),
+            )
+        if source.is_dir() and _is_within(target, source):
+            raise UsageError(
+                f"output path {out} is inside the input folder {given}",
+                hint="choose an output folder outside the input folder",
+            )
+
+
+def _check_protected(out: Path, target: Path) -> None:
+    """Reject an empty path, the current folder, a folder containing it, the home folder and /."""
+    cwd = _resolved(Path.cwd())
+    if _is_within(cwd, target):
+        what = "the current folder" if cwd == target else f"a parent of the current folder {cwd}"
+        raise UsageError(
+            f"output path {str(out)!r} resolves to {target}, {what}",
+            hint="pass a new folder for -o/--output, e.g. -o ./model-onnx",
+        )
+    if target == _resolved(Path.home()) or target.parent == target:
+        raise UsageError(f"output path {out} is the home or root folder", hint="pass a new folder for -o/--output")
+
+
+def check_output_path(out: Path | str, force: bool = False, inputs: tuple[Path | str, ...] = ()) -> None:
+    """Reject an output path that cannot or must not be written, before any work starts.
+
+    Symbolic links are followed before comparing paths, so a link cannot smuggle an input or
+    the current folder past these checks. ``--force`` replaces only a folder that is an
+    llmctl artifact (it has ``llmctl.json``) or is empty.
+
+    Args:
+        out: the artifact folder to write.
+        force: whether an existing artifact folder may be replaced.
+        inputs: the paths the step reads; the output must not be, contain or lie inside one.
 
     Raises:
-        UsageError: ``out`` is an existing file, or its parent is not a writable folder.
-        OutputExistsError: ``out`` is an existing folder and ``force`` is False.
+        UsageError: ``out`` is empty, the current folder or one of its parents, the home or
+            root folder, or a symbolic link. It is, contains or lies inside an input. It is an
+            existing file or a folder that is not an artifact, or its parent is not writable.
+        OutputExistsError: ``out`` is an existing artifact folder and ``force`` is False.
     """
-    if out.exists() and not out.is_dir():
+    if not str(out).strip():
+        raise UsageError("output path is empty", hint="pass the folder to write with -o/--output")
+    out = Path(out)
+    target = _resolved(out)
+    _check_protected(out, target)
+    _check_against_inputs(out, target, inputs)
+    if out.is_symlink():
+        raise UsageError(
+            f"output path {out} is a symbolic link to {target}",
+            hint="llmctl does not write through links; pass a new folder for -o/--output",
+        )
+
+    if target.exists() and not target.is_dir():
         raise UsageError(f"output path {out} is a file", hint="choose a folder path for -o/--output")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(f"output folder {out} already exists", hint="pass --force to replace it")
-    parent = out.resolve().parent
-    if parent.exists() and not parent.is_dir():
-        raise UsageError(f"output parent {parent} is not a folder")
+    if target.is_dir() and any(target.iterdir()):
+        is_artifact = (target / MANIFEST_NAME).is_file()
+        if not is_artifact:
+            raise OutputExistsError(
+                f"output folder {out} already exists and is not an llmctl artifact folder (it has no {MANIFEST_NAME})",
+                hint="remove it yourself or choose another -o/--output",
+            )
+        if not force:
+            raise OutputExistsError(f"output folder {out} already exists", hint="pass --force to replace it")
+
+    parent = _existing_ancestor(target.parent)
+    if not parent.is_dir():
+        raise UsageError(f"output parent {parent} is not a folder", hint="choose another -o/--output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {parent}: permission denied", hint="choose another -o/--output")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+# Staging siblings: .NAME.tmp-PID-MILLISECONDS while a step writes, .NAME.old-PID while it swaps.
+_STAGING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?:tmp-(?P<tmp_pid>\d+)-\d+|old-(?P<old_pid>\d+))$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging siblings of ``out`` left by llmctl processes that no longer run.
+
+    A process killed with SIGKILL (or by a power cut) cannot clean up after itself, so its
+    staging folder would otherwise stay next to the output for ever.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for sibling in out.parent.iterdir():
+        match = _STAGING_PATTERN.match(sibling.name)
+        if not match or match["name"] != out.name or not sibling.is_dir() or sibling.is_symlink():
+            continue
+        if _pid_alive(int(match["tmp_pid"] or match["old_pid"])):
+            continue
+        logger.info("removing %s, left by an interrupted run", sibling)
+        shutil.rmtree(sibling, ignore_errors=True)
+        removed.append(sibling)
+    return removed
+
+
+def _apply_default_modes(folder: Path) -> None:
+    """Give every file the mode the umask allows (0644 by default).
+
+    Some writers (ONNX Runtime's quantizer among them) create files with mode 0600 through
+    ``tempfile``, and a server running as another user could not read them.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o666 & ~umask)
+
+
+def _make_staging(out: Path) -> Path:
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except PermissionError as error:
+        raise UsageError(f"cannot write to {error.filename or out.parent}: permission denied", hint="choose another -o/--output") from error
+    except OSError as error:
+        raise UsageError(f"cannot create {error.filename or staging}: {error.strerror}", hint="choose another -o/--output") from error
+    return staging
+
+
+# Write failures that come from the output location, not from the step's own logic.
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_output(out: Path | str, force: bool = False, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out`` and rename it to ``out`` on success.
 
     On any exception, KeyboardInterrupt included, the temporary folder is removed and
-    ``out`` is left as it was. With ``force``, an existing ``out`` is replaced only after
-    the new folder is complete.
+    ``out`` is left as it was. With ``force``, an existing artifact folder ``out`` is replaced
+    only after the new folder is complete. Staging folders of dead processes are removed first.
+
+    Args:
+        out: the artifact folder to write.
+        force: whether an existing artifact folder may be replaced.
+        inputs: the paths the step reads (see ``check_output_path``).
+
+    Raises:
+        UsageError: see ``check_output_path``; also a full disk or a folder that turned
+            read-only while the step wrote into it.
     """
-    check_output_path(out, force)
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{int(time.time() * 1000)}"
-    staging.mkdir()
+    check_output_path(out, force, inputs)
+    out = _resolved(out)
+    remove_stale_staging(out)
+    staging = _make_staging(out)
     try:
         yield staging
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in _OUTPUT_ERRNOS:
+            raise UsageError(
+                f"cannot write {error.filename or out}: {error.strerror}", hint="free some space or choose another -o/--output"
+            ) from error
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
+    _apply_default_modes(staging)
     backup = None
     if out.exists():
         backup = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from llmctl.artifacts import (
     Manifest,
     Source,
     atomic_output,
+    check_output_path,
     now_iso,
     read_manifest,
     verify_manifest,
@@ -44,6 +46,7 @@ def test_atomic_output_refuses_existing_without_force(tmp_path: Path) -> None:
     out = tmp_path / "artifact"
     out.mkdir()
     (out / "keep").write_text("old")
+    (out / "llmctl.json").write_text("{}")
     with pytest.raises(OutputExistsError, match="pass --force"):
         with atomic_output(out):
             pass
@@ -54,6 +57,7 @@ def test_atomic_output_force_replaces_only_when_done(tmp_path: Path) -> None:
     out = tmp_path / "artifact"
     out.mkdir()
     (out / "keep").write_text("old")
+    (out / "llmctl.json").write_text("{}")
     with pytest.raises(RuntimeError):
         with atomic_output(out, force=True):
             raise RuntimeError("failed")
@@ -63,6 +67,129 @@ def test_atomic_output_force_replaces_only_when_done(tmp_path: Path) -> None:
         (staging / "new").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new"]
     assert _siblings(out) == ["artifact"]
+
+
+def test_force_keeps_folder_that_is_not_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "mydocs"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="not an llmctl artifact folder"):
+        with atomic_output(out, force=True):
+            pass
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_force_fills_empty_folder(tmp_path: Path) -> None:
+    out = tmp_path / "empty"
+    out.mkdir()
+    with atomic_output(out, force=True) as staging:
+        (staging / "model.onnx").write_bytes(b"x")
+    assert (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("path", ["", "."])
+def test_output_current_folder_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("precious")
+    (tmp_path / "llmctl.json").write_text("{}")
+    with pytest.raises(UsageError, match="empty|current folder"):
+        with atomic_output(path, force=True):
+            pass
+    assert (tmp_path / "notes.txt").read_text() == "precious"
+
+
+def test_output_parent_of_current_folder_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = tmp_path / "project" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    with pytest.raises(UsageError, match="parent of the current folder"):
+        check_output_path(tmp_path / "project", force=True)
+
+
+def test_output_equal_to_input_rejected_without_force_hint(tmp_path: Path) -> None:
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "llmctl.json").write_text("{}")
+    with pytest.raises(UsageError, match="is the input") as caught:
+        check_output_path(source, force=True, inputs=(source,))
+    assert "--force" not in str(caught.value)
+
+
+def test_output_containing_input_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "par" / "src"
+    source.mkdir(parents=True)
+    with pytest.raises(UsageError, match="contains the input"):
+        check_output_path(tmp_path / "par", force=True, inputs=(source,))
+
+
+def test_output_inside_input_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    with pytest.raises(UsageError, match="inside the input folder"):
+        check_output_path(source / "onnx", inputs=(source,))
+
+
+def test_output_symlink_rejected_and_target_kept(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "llmctl.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(UsageError, match="symbolic link"):
+        with atomic_output(link, force=True):
+            pass
+    assert (target / "llmctl.json").is_file()
+
+
+def test_output_symlink_to_input_rejected(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(source)
+    with pytest.raises(UsageError, match="is the input"):
+        check_output_path(link, force=True, inputs=(source,))
+
+
+def test_output_unwritable_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    def fail(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", fail)
+    with pytest.raises(UsageError, match="permission denied"):
+        with atomic_output(tmp_path / "ro" / "model"):
+            pass
+
+
+def test_stale_staging_of_dead_process_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".artifact.tmp-{pid}-1"
+    stale.mkdir()
+    live = tmp_path / f".artifact.tmp-{os.getpid()}-1"
+    live.mkdir()
+    other = tmp_path / f".other.tmp-{pid}-1"
+    other.mkdir()
+    with atomic_output(tmp_path / "artifact") as staging:
+        (staging / "x").write_text("x")
+    assert not stale.exists()
+    assert live.exists()
+    assert other.exists()
+
+
+def test_files_get_umask_mode(tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    with atomic_output(out) as staging:
+        data = staging / "model.onnx.data"
+        data.write_bytes(b"x")
+        data.chmod(0o600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.onnx.data").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_output_path_that_is_a_file(tmp_path: Path) -> None:
@@ -97,3 +224,40 @@ def test_manifest_round_trip_and_verify(tmp_path: Path) -> None:
 def test_read_manifest_missing(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no llmctl.json"):
         read_manifest(tmp_path)
+
+
+SIGTERM_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+import typer
+from llmctl.artifacts import atomic_output
+from llmctl.cli.errors import LlmctlGroup
+
+app = typer.Typer(cls=LlmctlGroup)
+
+@app.command()
+def write(out: Path) -> None:
+    with atomic_output(out) as staging:
+        (staging / "half.onnx").write_bytes(b"x")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+
+@app.command()
+def other() -> None:
+    pass
+
+app()
+"""
+
+
+def test_sigterm_removes_staging_and_exits_143(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "artifact"
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_SCRIPT, "write", str(out)], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 143, result.stderr
+    assert "interrupted" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -169,3 +169,58 @@ def test_bad_hub_id_offline(tmp_path: Path):
     result = _run("convert", "someone/not-cached-model", "-o", tmp_path / "out")
     _assert_clean_failure(result, 2, "local Hugging Face cache", tmp_path)
     assert "folder path" in result.output
+
+
+def test_output_empty_keeps_current_folder(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("precious")
+    result = _run("convert", tiny_llama, "-o", "", "--force", "--no-validate")
+    assert result.exit_code == 2, result.output
+    assert "current folder" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_output_equal_to_input_keeps_source(tiny_llama: Path, tmp_path: Path):
+    source = tmp_path / "tiny"
+    shutil.copytree(tiny_llama, source)
+    result = _run("convert", source, "-o", source, "--force")
+    assert result.exit_code == 2, result.output
+    assert "is the input" in result.output
+    assert "--force" not in result.output
+    assert (source / "model.safetensors").is_file()
+
+
+def test_output_parent_of_input_keeps_files(tiny_llama: Path, tmp_path: Path):
+    parent = tmp_path / "par"
+    shutil.copytree(tiny_llama, parent / "src")
+    (parent / "important.txt").write_text("keep")
+    result = _run("convert", parent / "src", "-o", parent, "--force", "--no-validate")
+    assert result.exit_code == 2, result.output
+    assert "contains the input" in result.output
+    assert (parent / "important.txt").read_text() == "keep"
+
+
+def test_force_rejects_unrelated_folder(tiny_llama: Path, tmp_path: Path):
+    docs = tmp_path / "mydocs"
+    docs.mkdir()
+    (docs / "notes.txt").write_text("precious")
+    result = _run("convert", tiny_llama, "-o", docs, "--force", "--no-validate")
+    assert result.exit_code == 2, result.output
+    assert "not an llmctl artifact folder" in result.output
+    assert (docs / "notes.txt").read_text() == "precious"
+
+
+def test_quantize_output_equal_to_input(converted: Path):
+    before = (converted / "llmctl.json").read_text()
+    result = _run("quantize", converted, "-o", converted, "--method", "int8", "--force")
+    assert result.exit_code == 2, result.output
+    assert "is the input" in result.output
+    assert (converted / "llmctl.json").read_text() == before
+
+
+def test_debug_keeps_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLMCTL_DEBUG", "1")
+    result = _run("convert", tmp_path / "nope", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "path not found" in result.output

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -25,23 +30,51 @@ def report(error: LlmctlError) -> None:
         stderr.print(f"  hint: {error.hint}", highlight=False, markup=False)
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM.
+
+    It is a KeyboardInterrupt so that every cleanup written for Ctrl-C (``atomic_output``
+    removing its staging folder, locks being released) runs for ``kill``, ``timeout``, CI
+    cancellation and ``docker stop`` too.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into ``Terminated`` while the block runs, then restore the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can be set only in the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class LlmctlGroup(TyperGroup):
     """A command group that reports llmctl errors as one line instead of a traceback.
 
     Exceptions that are not ``LlmctlError`` keep their traceback: they are bugs. Setting
-    ``LLMCTL_DEBUG=1`` shows the traceback of every error.
+    ``LLMCTL_DEBUG=1`` prints the traceback of every llmctl error too, and keeps its exit code.
+    SIGINT exits with 130 and SIGTERM with 143, after the same cleanup.
     """
 
     def invoke(self, ctx: Any) -> Any:
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except LlmctlError as error:
             if os.environ.get(ENV_DEBUG):
-                raise
+                traceback.print_exc()
             report(error)
             raise typer.Exit(error.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             from llmctl.cli.output import stderr
 
-            stderr.print("interrupted; nothing was written")
-            raise typer.Exit(130) from None
+            stderr.print("interrupted; unfinished output was removed")
+            raise typer.Exit(143 if isinstance(interrupt, Terminated) else 130) from None

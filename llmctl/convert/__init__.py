@@ -102,7 +102,8 @@ def convert(
         dtype = "fp32"  # the builder's float graph, whose MatMuls then take the GGUF blocks
     dtype = dtype or profile.recipe.dtype
     out = Path(out)
-    check_output_path(out, force)
+    inputs = (source,) if Path(source).exists() else ()
+    check_output_path(out, force, inputs)
     started_at, started = now_iso(), time.perf_counter()
     durations: dict[str, float] = {}
 
@@ -112,7 +113,7 @@ def convert(
         durations["resolve_s"] = round(time.perf_counter() - started, 2)
         chosen = select_exporter(exporter_name, resolved)
 
-        with atomic_output(out, force) as staging:
+        with atomic_output(out, force, inputs) as staging:
             mark = time.perf_counter()
             export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir)
             removed = remove_gguf_copies(staging)

@@ -104,7 +104,7 @@ def quantize(
     )
     model_dir = Path(model_dir)
     onnx_file = _input_model(model_dir)
-    check_output_path(out, force)
+    check_output_path(out, force, (model_dir,))
     previous = read_manifest(model_dir) if (model_dir / MANIFEST_NAME).is_file() else None
     started_at, started = now_iso(), time.perf_counter()
 
@@ -112,7 +112,7 @@ def quantize(
     from llmctl.registry import quantizers
 
     quantizer = quantizers.create(settings.method)
-    with atomic_output(Path(out), force) as staging:
+    with atomic_output(Path(out), force, (model_dir,)) as staging:
         logger.info("quantizing %s to %s (%s, block %d)", onnx_file, settings.method, settings.algorithm, settings.block_size)
         model, report = quantizer.quantize_model(load_model(onnx_file), settings)
         save_model(model, staging / onnx_file.name)
