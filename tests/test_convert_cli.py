@@ -144,10 +144,15 @@ def test_bad_method_int3(converted: Path, tmp_path: Path):
     _assert_clean_failure(_run("quantize", converted, "-o", tmp_path / "out", "--method", "int3"), 2, "int3", tmp_path)
 
 
-@pytest.mark.parametrize("block_size", ["24", "8", "0"])
+@pytest.mark.parametrize("block_size", ["24", "8", "0", "512", "2048"])
 def test_bad_block_size(converted: Path, tmp_path: Path, block_size: str):
     result = _run("quantize", converted, "-o", tmp_path / "out", "--block-size", block_size)
-    _assert_clean_failure(result, 2, "power of two", tmp_path)
+    _assert_clean_failure(result, 2, "16..256", tmp_path)
+
+
+def test_bad_per_channel_with_int4(converted: Path, tmp_path: Path):
+    result = _run("quantize", converted, "-o", tmp_path / "out", "--method", "int4", "--per-channel")
+    _assert_clean_failure(result, 2, "int8 dynamic", tmp_path)
 
 
 def test_bad_profile_typo(tiny_llama: Path, tmp_path: Path):

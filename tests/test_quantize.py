@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from llmctl.artifacts import read_manifest
 from llmctl.convert import convert
-from llmctl.errors import ParityError, UsageError
+from llmctl.errors import InputError, ParityError, UsageError
 from llmctl.profiles import load_profile
 from llmctl.profiles.schema import Tolerance
 from llmctl.quantize import quantize, resolve_settings
@@ -153,6 +153,9 @@ def test_int8_dynamic_per_channel(llama_onnx: Path, tmp_path: Path, profile):
     assert result.summary["quantized_nodes"] > 0
     assert result.summary["embedding"] == "int8 GatherBlockQuantized"
     assert "GatherBlockQuantized" in _ops(result.path)
+    parameters = read_manifest(result.path).steps[-1].parameters
+    assert parameters["per_channel"] is True
+    assert "accuracy_level" not in parameters
 
 
 def test_quantize_parity_failure_leaves_nothing(llama_onnx: Path, tmp_path: Path):
@@ -167,6 +170,56 @@ def test_quantize_parity_failure_leaves_nothing(llama_onnx: Path, tmp_path: Path
 def test_resolve_settings_rejects(options):
     with pytest.raises(UsageError):
         resolve_settings(load_profile(None), **options)
+
+
+@pytest.mark.parametrize("block_size", [512, 2048])
+def test_resolve_settings_rejects_large_block(block_size):
+    with pytest.raises(UsageError, match="16..256"):
+        resolve_settings(load_profile(None), block_size=block_size)
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"method": "int4", "per_channel": True}, "--per-channel"),
+        ({"method": "int8", "mode": "weight-only", "per_channel": False}, "--per-channel"),
+        ({"method": "int8", "mode": "dynamic", "accuracy_level": 4}, "--accuracy-level"),
+        ({"method": "int8", "mode": "dynamic", "algorithm": "rtn"}, "--algorithm"),
+    ],
+)
+def test_resolve_settings_rejects_inapplicable(options, option):
+    with pytest.raises(UsageError, match=option):
+        resolve_settings(load_profile(None), **options)
+
+
+def test_settings_parameters_dynamic_only_effective():
+    settings = resolve_settings(load_profile(None), method="int8", mode="dynamic", per_channel=True)
+    parameters = settings.parameters()
+    assert parameters["per_channel"] is True
+    assert "accuracy_level" not in parameters
+    assert "algorithm" not in parameters
+
+
+def test_settings_parameters_int4_has_no_per_channel():
+    parameters = resolve_settings(load_profile(None), method="int4").parameters()
+    assert "per_channel" not in parameters
+    assert parameters["block_size"] == 32
+
+
+def test_quantize_rejects_quantized_artifact(llama_int4, tmp_path: Path, profile):
+    with pytest.raises(InputError, match=r"already quantized \(int4 weight-only"):
+        quantize(llama_int4.path, tmp_path / "again", profile=profile, method="int8", mode="dynamic")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_rejects_quantized_graph_without_manifest(llama_int4, tmp_path: Path, profile):
+    import shutil
+
+    copy = tmp_path / "bare"
+    shutil.copytree(llama_int4.path, copy)
+    (copy / "llmctl.json").unlink()
+    with pytest.raises(InputError, match="MatMulNBits"):
+        quantize(copy, tmp_path / "again", profile=profile, method="int4")
 
 
 def test_resolve_settings_profile_defaults():

@@ -16,13 +16,13 @@ def quantize_command(
     output: OutputDirOpt,
     method: Annotated[str | None, typer.Option("--method", "-m", help="int8 or int4; default: the profile's recipe.", show_default=False)] = None,
     profile: ProfileOpt = None,
-    block_size: Annotated[int | None, typer.Option("--block-size", help="Weights per quantization block, a power of two >= 16.", show_default=False)] = None,
+    block_size: Annotated[int | None, typer.Option("--block-size", help="Weights per quantization block: 16, 32, 64, 128 or 256.", show_default=False)] = None,
     accuracy_level: Annotated[
-        int | None, typer.Option("--accuracy-level", help="MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8.", show_default=False)
+        int | None, typer.Option("--accuracy-level", help="Weight-only only: MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8.", show_default=False)
     ] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Symmetric blocks (no zero points) or asymmetric.", show_default=False)] = None,
     mode: Annotated[str | None, typer.Option("--mode", help="int8 only: weight-only (MatMulNBits) or dynamic (ONNX Runtime dynamic quantization).", show_default=False)] = None,
-    algorithm: Annotated[str | None, typer.Option("--algorithm", help="rtn, hqq or k_quant.", show_default=False)] = None,
+    algorithm: Annotated[str | None, typer.Option("--algorithm", help="Weight-only quantization algorithm: rtn, hqq or k_quant.", show_default=False)] = None,
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="int8 dynamic only: per-channel weight scales.", show_default=False)] = None,
     force: ForceOpt = False,
     keep_failed: KeepFailedOpt = False,

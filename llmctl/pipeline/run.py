@@ -303,20 +303,10 @@ def _run_convert(plan: Plan, out: Path) -> dict[str, Any]:
 def _run_quantize(plan: Plan, variant: PlannedVariant, model_dir: Path, out: Path) -> dict[str, Any]:
     from llmctl.quantize import quantize
 
-    q = variant.quantization
-    assert q is not None
-    result = quantize(
-        model_dir,
-        out,
-        profile=variant_profile(plan.profile, variant),
-        method=q.method,
-        block_size=q.block_size,
-        accuracy_level=q.accuracy_level,
-        symmetric=q.symmetric,
-        mode=q.mode,
-        algorithm=q.algorithm,
-        per_channel=q.per_channel,
-    )
+    assert variant.quantization is not None
+    # Every parameter comes from the variant's recipe, none as an explicit option, so the
+    # options a method ignores (per-channel for int4, say) are not rejected as misplaced.
+    result = quantize(model_dir, out, profile=variant_profile(plan.profile, variant))
     return {"summary": _plain(getattr(result, "summary", None))}
 
 

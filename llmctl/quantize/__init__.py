@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 METHODS = ("int8", "int4")
 MODES = ("dynamic", "weight-only")
 ALGORITHMS = ("rtn", "hqq", "k_quant")
+# MatMulNBits and GatherBlockQuantized in onnxruntime 1.23 take these block sizes only.
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+# Operators that only a quantized graph contains.
+QUANTIZED_OPS = (
+    "MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+    "DequantizeLinear", "MatMulIntegerToFloat",
+)
 
 __all__ = ["QuantizeResult", "quantize", "resolve_settings"]
 
@@ -25,9 +32,14 @@ __all__ = ["QuantizeResult", "quantize", "resolve_settings"]
 def resolve_settings(profile: Any, *, method=None, block_size=None, accuracy_level=None, symmetric=None, mode=None, algorithm=None, per_channel=None):
     """Merge explicit options over ``profile.recipe.quantization`` and check them.
 
+    Values left None come from the profile. An explicit option that the chosen method and
+    mode would ignore is an error, so that the manifest never records a setting that did
+    not take effect.
+
     Raises:
-        UsageError: an unknown method, mode or algorithm, a block size that is not a power of
-            two >= 16, or an accuracy level outside 0..4.
+        UsageError: an unknown method, mode or algorithm, a block size that is not one of
+            16, 32, 64, 128 or 256, an accuracy level outside 0..4, or an explicit option
+            that does not apply to the chosen method and mode.
     """
     from llmctl.quantize.methods import QuantizeSettings
 
@@ -35,9 +47,14 @@ def resolve_settings(profile: Any, *, method=None, block_size=None, accuracy_lev
     method = method or defaults.method
     if method not in METHODS:
         raise UsageError(f"unknown quantization method {method!r}", hint=f"choose one of: {', '.join(METHODS)}")
+    _check_applicable(method, mode or defaults.mode, accuracy_level=accuracy_level, algorithm=algorithm, per_channel=per_channel)
     block_size = defaults.block_size if block_size is None else block_size
-    if block_size < 16 or block_size & (block_size - 1):
-        raise UsageError(f"block size {block_size} is not a power of two >= 16", hint="use 16, 32, 64, 128 or 256")
+    if block_size not in BLOCK_SIZES:
+        kind = "a power of two in 16..256" if block_size & (block_size - 1) else "in 16..256"
+        raise UsageError(
+            f"block size {block_size} is not {kind}",
+            hint="use 16, 32, 64, 128 or 256 (the block sizes ONNX Runtime's MatMulNBits supports)",
+        )
     accuracy_level = defaults.accuracy_level if accuracy_level is None else accuracy_level
     if not 0 <= accuracy_level <= 4:
         raise UsageError(f"accuracy level {accuracy_level} is outside 0..4", hint="4 computes in int8 on CPUs, 0 lets the runtime choose")
@@ -55,6 +72,49 @@ def resolve_settings(profile: Any, *, method=None, block_size=None, accuracy_lev
         per_channel=defaults.per_channel if per_channel is None else per_channel,
         quantize_embeddings=defaults.quantize_embeddings, head_bits=defaults.head_bits,
     )
+
+
+def _check_applicable(method: str, mode: str, *, accuracy_level, algorithm, per_channel) -> None:
+    """Reject explicit options that the chosen method and mode would ignore."""
+    dynamic = method == "int8" and mode == "dynamic"
+    if per_channel is not None and not dynamic:
+        raise UsageError(
+            f"--per-channel/--per-tensor applies to int8 dynamic quantization only, not {method} {mode}",
+            hint="drop the option, or use --method int8 --mode dynamic",
+        )
+    if dynamic:
+        for option, value in (("--accuracy-level", accuracy_level), ("--algorithm", algorithm)):
+            if value is not None:
+                raise UsageError(
+                    f"{option} applies to weight-only quantization (MatMulNBits), not int8 dynamic",
+                    hint="drop the option, or use --mode weight-only",
+                )
+
+
+def already_quantized(model_dir: Path, onnx_file: Path) -> str | None:
+    """Describe how the artifact in ``model_dir`` is already quantized, or return None for a float one.
+
+    The manifest's steps and model entry say it for an artifact llmctl wrote. The graph's
+    operators say it for any other folder.
+    """
+    if (model_dir / MANIFEST_NAME).is_file():
+        manifest = read_manifest(model_dir)
+        for step in reversed(manifest.steps):
+            if step.name == "quantize":
+                parameters = step.parameters
+                described = " ".join(str(parameters[k]) for k in ("method", "mode") if parameters.get(k))
+                source = step.summary.get("input") if isinstance(step.summary, dict) else None
+                return f"{described or 'quantized'}" + (f", made from {source}" if source else "")
+        if manifest.model.get("dtype") == "gguf":
+            return "GGUF blocks kept by convert"
+
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    found = sorted({node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS})
+    if found:
+        return f"its graph contains {', '.join(found)}"
+    return None
 
 
 def quantize(
@@ -104,6 +164,12 @@ def quantize(
     )
     model_dir = Path(model_dir)
     onnx_file = _input_model(model_dir)
+    quantized = already_quantized(model_dir, onnx_file)
+    if quantized:
+        raise InputError(
+            f"{model_dir} is already quantized ({quantized})",
+            hint="quantize the fp32 or fp16 artifact that llmctl convert wrote",
+        )
     check_output_path(out, force, (model_dir,))
     previous = read_manifest(model_dir) if (model_dir / MANIFEST_NAME).is_file() else None
     started_at, started = now_iso(), time.perf_counter()
@@ -128,7 +194,7 @@ def quantize(
         summary = {
             "step": "quantize",
             "input": str(model_dir.resolve()),
-            "settings": vars(settings),
+            "settings": settings.parameters(),
             "sizes": {
                 "before_folder_bytes": folder_bytes(model_dir),
                 "after_folder_bytes": folder_bytes(staging),
@@ -203,7 +269,7 @@ def _next_manifest(previous, model_dir, profile, component, settings, started_at
     from llmctl.artifacts import hash_folder
 
     step = Step(
-        name="quantize", component=component, parameters=dict(vars(settings)), versions=package_versions(),
+        name="quantize", component=component, parameters=settings.parameters(), versions=package_versions(),
         started_at=started_at, duration_s=summary["durations"]["total_s"], parity=parity,
         summary={k: v for k, v in summary.items() if k not in ("parity",)},
     )

@@ -40,6 +40,19 @@ class QuantizeSettings:
     def bits(self) -> int:
         return 4 if self.method == "int4" else 8
 
+    def parameters(self) -> dict[str, Any]:
+        """Return the settings that take effect for this method and mode, for the manifest."""
+        dynamic = self.method == "int8" and self.mode == "dynamic"
+        effective: dict[str, Any] = {"method": self.method, "mode": self.mode, "quantize_embeddings": self.quantize_embeddings}
+        if dynamic:
+            effective["per_channel"] = self.per_channel
+        else:
+            effective.update(algorithm=self.algorithm, accuracy_level=self.accuracy_level, head_bits=self.head_bits)
+        if not dynamic or self.quantize_embeddings:
+            # Dynamic quantization uses them for the embedding's GatherBlockQuantized only.
+            effective.update(block_size=self.block_size, symmetric=self.symmetric)
+        return effective
+
 
 @dataclass
 class QuantizeReport:
