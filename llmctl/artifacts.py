@@ -100,7 +100,9 @@ class Manifest(BaseModel):
     profile: dict[str, Any] | None = None
     steps: list[Step] = Field(default_factory=list)
     files: list[FileEntry] = Field(default_factory=list)
-    status: str = Field("ok", description="ok, or parity-failed for an artifact kept with --keep-failed")
+    status: str = Field(
+        "ok", description="ok; parity-failed for an artifact kept with --keep-failed; not-validated with --no-validate"
+    )
 
     def write(self, folder: Path) -> Path:
         """Hash every file in ``folder`` into ``files`` and write the manifest there."""

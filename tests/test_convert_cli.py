@@ -229,3 +229,27 @@ def test_debug_keeps_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     result = _run("convert", tmp_path / "nope", "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert "path not found" in result.output
+
+
+def test_fp16_on_cpu_profile_rejected(tiny_llama: Path, tmp_path: Path):
+    result = _run("convert", tiny_llama, "-o", tmp_path / "out", "--dtype", "fp16")
+    _assert_clean_failure(result, 2, "CPU execution provider", tmp_path)
+    assert "--dtype fp32" in result.output
+
+
+def test_gpu_profile_without_cuda_rejected(tiny_llama: Path, tmp_path: Path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine offers CUDA")
+    result = _run("convert", tiny_llama, "-o", tmp_path / "out", "--profile", "gpu-nvidia-l4")
+    _assert_clean_failure(result, 2, "gpu-nvidia-l4", tmp_path)
+    assert "cuda" in result.output
+    assert "--dtype fp32" in result.output
+
+
+def test_no_validate_marks_not_validated(tiny_llama: Path, tmp_path: Path):
+    result = _run("convert", tiny_llama, "-o", tmp_path / "out", "--no-validate", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["status"] == "not-validated"
+    assert json.loads((tmp_path / "out" / "llmctl.json").read_text())["status"] == "not-validated"

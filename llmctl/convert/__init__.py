@@ -10,7 +10,7 @@ from typing import Any
 
 from llmctl.artifacts import Manifest, Source, Step, atomic_output, check_output_path, folder_bytes, now_iso, package_versions
 from llmctl.convert.exporters.base import Exporter, ExportResult
-from llmctl.convert.results import ConvertResult, checkpoint_fp32_bytes, parity_error
+from llmctl.convert.results import ConvertResult, artifact_status, checkpoint_fp32_bytes, parity_error
 from llmctl.convert.source import ResolvedSource, remove_gguf_copies, resolve_source
 from llmctl.errors import UnsupportedError, UsageError
 
@@ -18,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 EXPORTER_CHOICES = ("auto", "optimum", "genai")
 
-__all__ = ["ConvertResult", "convert", "select_exporter"]
+__all__ = ["ConvertResult", "check_dtype_runs", "convert", "select_exporter"]
 
 
 def select_exporter(name: str, source: ResolvedSource) -> Exporter:
@@ -100,7 +100,9 @@ def convert(
     if keep_gguf:
         exporter_name = _check_gguf_transcode(Path(source), exporter_name, gguf_fallback)
         dtype = "fp32"  # the builder's float graph, whose MatMuls then take the GGUF blocks
+    explicit_dtype = dtype is not None
     dtype = dtype or profile.recipe.dtype
+    provider = check_dtype_runs(dtype, profile, explicit=explicit_dtype)
     out = Path(out)
     inputs = (source,) if Path(source).exists() else ()
     check_output_path(out, force, inputs)
@@ -115,7 +117,7 @@ def convert(
 
         with atomic_output(out, force, inputs) as staging:
             mark = time.perf_counter()
-            export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir)
+            export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir, execution_provider=provider)
             removed = remove_gguf_copies(staging)
             durations["export_s"] = round(time.perf_counter() - mark, 2)
             transcoded = None
@@ -129,12 +131,12 @@ def convert(
             parity = None
             if validate:
                 mark = time.perf_counter()
-                parity = _check_parity(resolved.folder, staging, export.task, profile, threads=profile.runtime.threads)
+                parity = _check_parity(resolved.folder, staging, export.task, profile, threads=profile.runtime.threads, provider=provider)
                 durations["parity_s"] = round(time.perf_counter() - mark, 2)
             durations["total_s"] = round(time.perf_counter() - started, 2)
 
             summary = _summary(resolved, staging, chosen, export, dtype, parity, durations, removed)
-            status = "parity-failed" if parity and not parity["passed"] else "ok"
+            status = artifact_status(parity)
             summary["status"] = status
             step_extra = {}
             if transcoded is not None:
@@ -159,13 +161,45 @@ def convert(
                 ],
                 status=status,
             )
-            if status != "ok" and not keep_failed:
+            if status == "parity-failed" and not keep_failed:
                 raise parity_error("convert", out, parity, "convert_tolerance")
             manifest.write(staging)
             summary["folder_bytes"] = folder_bytes(staging)
 
     summary["path"] = str(out.resolve())
     return ConvertResult(path=out.resolve(), manifest=manifest, summary=summary)
+
+
+def check_dtype_runs(dtype: str, profile: Any, *, explicit: bool) -> str:
+    """Check that an artifact of ``dtype`` can run (and be validated) here; return the execution provider.
+
+    The GenAI builder's fp16 graphs fail on ONNX Runtime's CPU execution provider (seen with
+    onnxruntime 1.23 and 1.32: the Cast nodes it inserts around fp16 ops break its buffer
+    reuse), and so would the parity check and ``generate``. fp16 therefore needs a GPU
+    provider that this onnxruntime build offers.
+
+    Raises:
+        UsageError: fp16 with the CPU provider, or a GPU provider this onnxruntime lacks.
+    """
+    provider = profile.runtime.execution_provider
+    if dtype != "fp16":
+        return "cpu"
+    source = "--dtype fp16" if explicit else f"profile {profile.name!r} (recipe.dtype fp16)"
+    if provider == "cpu":
+        raise UsageError(
+            f"{source}: fp16 ONNX models do not run on the CPU execution provider",
+            hint="use --dtype fp32, or a GPU profile on a machine with CUDA",
+        )
+
+    from llmctl.pipeline.preflight import check_execution_provider
+
+    check = check_execution_provider(provider)
+    if not check.ok:
+        raise UsageError(
+            f"{source}: profile {profile.name!r} targets the {provider} execution provider, and {check.detail}",
+            hint="pass --dtype fp32 to build a CPU artifact, or choose a CPU profile such as cpu-x86-avx2",
+        )
+    return provider
 
 
 def _check_gguf_transcode(path: Path, exporter_name: str, fallback: str) -> str:
@@ -186,7 +220,7 @@ def _check_gguf_transcode(path: Path, exporter_name: str, fallback: str) -> str:
     return "genai"
 
 
-def _check_parity(reference: Path, artifact: Path, task: str, profile: Any, *, threads: int) -> dict[str, Any]:
+def _check_parity(reference: Path, artifact: Path, task: str, profile: Any, *, threads: int, provider: str = "cpu") -> dict[str, Any]:
     from llmctl.convert import parity
 
     prompts = parity.sample_prompts(artifact)
@@ -196,7 +230,7 @@ def _check_parity(reference: Path, artifact: Path, task: str, profile: Any, *, t
     if task != "text-generation-with-past":
         return parity.compare_encoder(reference, onnx_file, prompts, tolerance).to_dict()
     report = parity.compare(
-        parity.TorchCausalLM(reference, threads=threads), parity.OnnxCausalLM(onnx_file, threads=threads), prompts,
+        parity.TorchCausalLM(reference, threads=threads), parity.OnnxCausalLM(onnx_file, threads=threads, provider=provider), prompts,
         tolerance=tolerance, reference_name="pytorch-fp32", candidate_name=onnx_file.name,
     )
     return report.to_dict()

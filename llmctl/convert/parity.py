@@ -79,15 +79,18 @@ class OnnxCausalLM:
     plus ``position_ids``). Present outputs ``present.N.key/value`` feed the next step's past.
     """
 
-    def __init__(self, model_path: Path, *, threads: int = 0) -> None:
+    def __init__(self, model_path: Path, *, threads: int = 0, provider: str = "cpu") -> None:
         import onnxruntime as ort
+
+        from llmctl.pipeline.preflight import PROVIDER_NAMES
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        providers = list(dict.fromkeys([PROVIDER_NAMES[provider], "CPUExecutionProvider"]))
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as error:  # onnxruntime raises its own untyped exceptions
             raise ConversionError(f"{model_path}: onnxruntime cannot load the model: {str(error).splitlines()[0]}") from error
         self.inputs = {i.name: i for i in self.session.get_inputs()}

@@ -42,6 +42,13 @@ class QuantizeResult(ArtifactResult):
     """The result of ``llmctl.quantize.quantize``."""
 
 
+def artifact_status(parity: dict[str, Any] | None) -> str:
+    """Return the manifest status: ok, parity-failed, or not-validated when parity did not run."""
+    if parity is None:
+        return "not-validated"
+    return "ok" if parity["passed"] else "parity-failed"
+
+
 def parity_error(step: str, out: Path, parity: dict[str, Any], tolerance_field: str) -> ParityError:
     """Build the error for a step whose parity breached the profile's tolerance."""
     return ParityError(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.artifacts import MANIFEST_NAME, Manifest, Source, Step, atomic_output, check_output_path, folder_bytes, now_iso, package_versions, read_manifest
-from llmctl.convert.results import QuantizeResult, parity_error
+from llmctl.convert.results import QuantizeResult, artifact_status, parity_error
 from llmctl.errors import InputError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,11 @@ def quantize(
         )
     check_output_path(out, force, (model_dir,))
     previous = read_manifest(model_dir) if (model_dir / MANIFEST_NAME).is_file() else None
+    provider = "cpu"
+    if previous is not None and previous.model.get("dtype") == "fp16":
+        from llmctl.convert import check_dtype_runs
+
+        provider = check_dtype_runs("fp16", profile, explicit=False)
     started_at, started = now_iso(), time.perf_counter()
 
     from llmctl.convert.onnx_files import load_model, save_model, weight_bytes
@@ -189,7 +194,7 @@ def quantize(
         parity = None
         if validate:
             mark = time.perf_counter()
-            parity = _check_parity(onnx_file, staging / onnx_file.name, profile)
+            parity = _check_parity(onnx_file, staging / onnx_file.name, profile, provider)
             parity_s = round(time.perf_counter() - mark, 2)
         summary = {
             "step": "quantize",
@@ -209,10 +214,10 @@ def quantize(
             "parity": parity,
             "durations": {"quantize_s": quantize_s, **({"parity_s": parity_s} if validate else {}), "total_s": round(time.perf_counter() - started, 2)},
         }
-        status = "parity-failed" if parity and not parity["passed"] else "ok"
+        status = artifact_status(parity)
         summary["status"] = status
         manifest = _next_manifest(previous, model_dir, profile, quantizer.name, settings, started_at, summary, parity, status)
-        if status != "ok" and not keep_failed:
+        if status == "parity-failed" and not keep_failed:
             raise parity_error("quantize", Path(out), parity, "quantize_tolerance")
         manifest.write(staging)
         summary["sizes"]["after_folder_bytes"] = folder_bytes(staging)
@@ -253,13 +258,15 @@ def _copy_side_files(model_dir: Path, staging: Path) -> None:
             genai_config.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
 
 
-def _check_parity(reference: Path, candidate: Path, profile: Any) -> dict[str, Any]:
+def _check_parity(reference: Path, candidate: Path, profile: Any, provider: str = "cpu") -> dict[str, Any]:
     from llmctl.convert import parity
 
     threads = profile.runtime.threads
     prompts = parity.sample_prompts(candidate.parent)
     report = parity.compare(
-        parity.OnnxCausalLM(reference, threads=threads), parity.OnnxCausalLM(candidate, threads=threads), prompts,
+        parity.OnnxCausalLM(reference, threads=threads, provider=provider),
+        parity.OnnxCausalLM(candidate, threads=threads, provider=provider),
+        prompts,
         tolerance=profile.recipe.quantize_tolerance, reference_name=f"input {reference.name}", candidate_name=candidate.name,
     )
     return report.to_dict()

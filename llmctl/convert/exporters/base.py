@@ -47,8 +47,11 @@ class Exporter(abc.ABC):
         """Return whether this exporter handles the source's architecture."""
 
     @abc.abstractmethod
-    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path) -> ExportResult:
+    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path, execution_provider: str = "cpu") -> ExportResult:
         """Write the ONNX model and its side files into ``out_dir``.
+
+        ``execution_provider`` is the ONNX Runtime provider the artifact targets (``cpu``,
+        ``cuda``, ...); an exporter that builds one graph for every provider ignores it.
 
         Raises:
             UnsupportedError: the architecture or dtype is not supported.

@@ -55,7 +55,7 @@ class GenAIBuilderExporter(Exporter):
                 return "the GenAI model builder supports Gemma 3 only with five sliding-window layers per global layer"
         return None
 
-    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path) -> ExportResult:
+    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path, execution_provider: str = "cpu") -> ExportResult:
         reason = self.unsupported_reason(source)
         if reason:
             raise UnsupportedError(reason, hint=f"use --exporter optimum; the builder supports: {', '.join(self.supported_architectures())}")
@@ -64,13 +64,16 @@ class GenAIBuilderExporter(Exporter):
 
         from onnxruntime_genai.models.builder import create_model
 
+        # NOTE: only fp16 targets the profile's GPU provider; the cuda path is not covered by
+        # the test suite, which runs on CPUs.
+        builder_provider = execution_provider if dtype == "fp16" else "cpu"
         cache_dir = workdir / "genai-builder-cache"
         captured = io.StringIO()
         logger.info("exporting %s with the GenAI model builder (%s)", source.architecture, dtype)
         # The builder reports progress with print() and tqdm; keep it out of stdout.
         try:
             with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
-                create_model(None, str(source.folder), str(out_dir), PRECISIONS[dtype], "cpu", str(cache_dir))
+                create_model(None, str(source.folder), str(out_dir), PRECISIONS[dtype], builder_provider, str(cache_dir))
         except (NotImplementedError, ValueError, KeyError, AttributeError, RuntimeError, OSError) as error:
             logger.debug("GenAI builder output:\n%s", captured.getvalue())
             raise ConversionError(
@@ -80,4 +83,4 @@ class GenAIBuilderExporter(Exporter):
         logger.debug("GenAI builder output:\n%s", captured.getvalue())
 
         copy_side_files(source.folder, out_dir)
-        return ExportResult(runtime="genai", task="text-generation-with-past", details={"precision": PRECISIONS[dtype], "execution_provider": "cpu"})
+        return ExportResult(runtime="genai", task="text-generation-with-past", details={"precision": PRECISIONS[dtype], "execution_provider": builder_provider})

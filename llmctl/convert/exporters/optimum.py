@@ -60,13 +60,15 @@ class OptimumExporter(Exporter):
             )
         return tasks[0]
 
-    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path) -> ExportResult:
+    def export(self, source: ResolvedSource, out_dir: Path, *, dtype: str, workdir: Path, execution_provider: str = "cpu") -> ExportResult:
         task = self.task_for(source)
         if dtype not in ("fp32", "fp16"):
             raise UnsupportedError(f"dtype {dtype} is not supported by the optimum exporter", hint="choose fp32 or fp16")
         if dtype == "fp16":
             # optimum-onnx exports fp16 only on a CUDA device.
-            raise UnsupportedError("the optimum exporter writes fp16 only on a GPU", hint="use --dtype fp32 or --exporter genai")
+            raise UnsupportedError(
+                "the optimum exporter writes fp16 only on a GPU", hint="use --dtype fp32, or --exporter genai with a CUDA profile"
+            )
 
         from optimum.exporters.onnx import main_export
 
