@@ -3,6 +3,8 @@
 For each GGUF model it builds, side by side in one run:
 
 - ``transcoded``: ``llmctl convert MODEL.gguf`` (the file's quantized blocks in MatMulNBits);
+- ``transcoded-head-l4``: the same blocks, with the output head's MatMulNBits at accuracy
+  level 4 (its input quantized to int8 blocks: faster, no longer exact);
 - ``fp32``: ``llmctl convert MODEL.gguf --dtype fp32`` (the dequantized weights: the GGUF's own quality);
 - ``requantized-int4``: the fp32 artifact quantized with ``llmctl quantize`` int4 (symmetric, block 32).
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +47,7 @@ PERPLEXITY_TOLERANCE = 0.005  # transcoded within 0.5% of the dequantized fp32 m
 def build_artifacts(gguf_path: Path, workdir: Path) -> dict[str, Path]:
     """Convert the GGUF three ways and return the artifact folders by name."""
     from llmctl.convert import convert
+    from llmctl.gguf.transcode import transcode
     from llmctl.profiles.loader import load_profile
     from llmctl.quantize import quantize
 
@@ -52,6 +57,10 @@ def build_artifacts(gguf_path: Path, workdir: Path) -> dict[str, Path]:
     folders["transcoded"] = convert(str(gguf_path), workdir / "transcoded", profile=profile, validate=False).path
     print(f"  transcoded in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     folders["fp32"] = convert(str(gguf_path), workdir / "fp32", profile=profile, dtype="fp32", exporter="genai", validate=False).path
+    head_level4 = workdir / "transcoded-head-l4"
+    shutil.copytree(folders["fp32"], head_level4)
+    transcode(head_level4, gguf_path, head_accuracy_level=4)
+    folders["transcoded-head-l4"] = head_level4
     folders["requantized-int4"] = quantize(
         folders["fp32"], workdir / "int4", profile=profile, method="int4", block_size=32, symmetric=True, validate=False
     ).path
@@ -89,27 +98,31 @@ def perplexity(folder: Path, windows: list[list[int]]) -> float:
     return math.exp(total / count)
 
 
-def decode_tokens_per_s(folder: Path, new_tokens: int, repeats: int) -> float:
-    """Return the median greedy decode speed (tokens after the first, per second)."""
+def decode_tokens_per_s(folders: dict[str, Path], new_tokens: int, repeats: int) -> dict[str, float]:
+    """Return each artifact's median greedy decode speed (tokens after the first, per second).
+
+    The artifacts take turns, one run each per round, so that a change in machine load
+    during the benchmark affects them alike.
+    """
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
-    tokenizer = og.Tokenizer(model)
-    prompt = tokenizer.encode(DECODE_PROMPT)
-    speeds = []
+    models = {label: og.Model(str(folder)) for label, folder in folders.items()}
+    speeds: dict[str, list[float]] = {label: [] for label in folders}
     for _ in range(repeats):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(prompt)
-        generator.generate_next_token()
-        started, produced = time.perf_counter(), 0
-        while not generator.is_done():
+        for label, model in models.items():
+            prompt = og.Tokenizer(model).encode(DECODE_PROMPT)
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
+            generator = og.Generator(model, params)
+            generator.append_tokens(prompt)
             generator.generate_next_token()
-            produced += 1
-        speeds.append(produced / (time.perf_counter() - started))
-        del generator
-    return statistics.median(speeds)
+            started, produced = time.perf_counter(), 0
+            while not generator.is_done():
+                generator.generate_next_token()
+                produced += 1
+            speeds[label].append(produced / (time.perf_counter() - started))
+            del generator
+    return {label: statistics.median(values) for label, values in speeds.items()}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -129,8 +142,10 @@ def run_model(name: str, gguf_path: Path, args: argparse.Namespace) -> dict:
                 "perplexity": perplexity(folder, windows),
                 "folder_bytes": folder_bytes(folder),
                 "size_vs_gguf": folder_bytes(folder) / gguf_bytes,
-                "decode_tokens_per_s": decode_tokens_per_s(folder, args.new_tokens, args.repeats),
             }
+        print("  timing decode", file=sys.stderr)
+        for label, speed in decode_tokens_per_s(folders, args.new_tokens, args.repeats).items():
+            rows[label]["decode_tokens_per_s"] = speed
     reference = rows["fp32"]["perplexity"]
     for row in rows.values():
         row["perplexity_vs_fp32"] = row["perplexity"] / reference - 1
@@ -145,11 +160,12 @@ def run_model(name: str, gguf_path: Path, args: argparse.Namespace) -> dict:
 
 
 def print_table(results: dict) -> None:
-    print(f"{'model':8} {'artifact':17} {'perplexity':>10} {'vs fp32':>8} {'MB':>8} {'x GGUF':>7} {'tok/s':>7}")
+    print(f"load average at the end (1, 5, 15 min): {', '.join(f'{value:.2f}' for value in os.getloadavg())}")
+    print(f"{'model':8} {'artifact':19} {'perplexity':>10} {'vs fp32':>8} {'MB':>8} {'x GGUF':>7} {'tok/s':>7}")
     for name, result in results.items():
         for label, row in result["artifacts"].items():
             print(
-                f"{name:8} {label:17} {row['perplexity']:10.3f} {row['perplexity_vs_fp32']:+8.2%} "
+                f"{name:8} {label:19} {row['perplexity']:10.3f} {row['perplexity_vs_fp32']:+8.2%} "
                 f"{row['folder_bytes'] / 1e6:8.1f} {row['size_vs_gguf']:7.2f} {row['decode_tokens_per_s']:7.1f}"
             )
         print(f"{name:8} checks: {result['checks']}")
@@ -162,7 +178,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=1024, help="WikiText-2 tokens scored (default 1024)")
     parser.add_argument("--window", type=int, default=512, help="tokens per scoring window (default 512)")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode run")
-    parser.add_argument("--repeats", type=int, default=3, help="decode runs per artifact; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="decode runs per artifact; the median is reported")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
 
