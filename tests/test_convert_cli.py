@@ -253,3 +253,13 @@ def test_no_validate_marks_not_validated(tiny_llama: Path, tmp_path: Path):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["status"] == "not-validated"
     assert json.loads((tmp_path / "out" / "llmctl.json").read_text())["status"] == "not-validated"
+
+
+def test_quantize_hides_library_logs(converted: Path, tmp_path: Path):
+    arguments = ("quantize", converted, "--method", "int8", "--mode", "dynamic", "--no-validate")
+    quiet = _run(*arguments, "-o", tmp_path / "quiet")
+    assert quiet.exit_code == 0, quiet.output
+    assert "pre-processing" not in quiet.output
+    verbose = _run("-vv", *arguments, "-o", tmp_path / "verbose")
+    assert verbose.exit_code == 0, verbose.output
+    assert "pre-processing" in verbose.output
