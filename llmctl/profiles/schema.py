@@ -120,7 +120,9 @@ class Recipe(Strict):
     convert_tolerance: Tolerance = Field(
         default_factory=lambda: Tolerance(max_abs_logit_diff=0.05, min_top1_agreement=0.99, min_greedy_agreement=0.9)
     )
-    quantize_tolerance: Tolerance = Field(default_factory=lambda: Tolerance(min_top1_agreement=0.6))
+    # A floor that catches a broken quantization, not a quality bar: int4 RTN of SmolLM2-135M
+    # agrees with its fp32 model on 0.57-0.63 of next tokens. Quality bars belong in eval gates.
+    quantize_tolerance: Tolerance = Field(default_factory=lambda: Tolerance(min_top1_agreement=0.4))
     variants: list[Variant] = Field(default_factory=list)
     select: Literal["cheapest", "smallest", "fastest", "best-quality"] = "cheapest"
 
