@@ -141,6 +141,22 @@ def test_rerun_unchanged_hits_cache(first_run, tmp_path):
     assert again.selected == result.selected
 
 
+def test_rerun_rebuilds_corrupted_artifact(first_run, tmp_path):
+    result, _, profile = first_run
+    out = copy_run(result, tmp_path / "out")
+    data = (out / "variants" / "int8-dynamic").resolve() / "model.onnx.data"
+    with open(data, "r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"\x00\x01\x02\x03")
+    again = run_pipeline(result.plan.source, out, profile=load_profile_file(profile))
+    assert statuses(again)["quantize int8-dynamic"] == "built"
+    assert statuses(again)["quantize int4-b32"] == "cached"
+    from llmctl.artifacts import read_manifest, verify_manifest
+
+    rebuilt = (out / "variants" / "int8-dynamic").resolve()
+    assert verify_manifest(rebuilt, read_manifest(rebuilt)) == []
+
+
 def test_rerun_changed_block_size_rebuilds_one_variant(first_run, suite_file, tmp_path):
     result, _, _ = first_run
     out = copy_run(result, tmp_path / "out")
@@ -226,6 +242,17 @@ def test_cli_none_passing_exits_1(first_run, suite_file, tmp_path):
     assert all(not v["passed"] for v in document["variants"])
 
 
+def test_cli_table_not_cut_in_file(first_run, tmp_path):
+    result, _, profile = first_run
+    out = copy_run(result, tmp_path / "out")
+    outcome = CliRunner().invoke(app, ["pipeline", "run", str(result.plan.source), "-p", str(profile), "-o", str(out)])
+    assert outcome.exit_code == 0, outcome.output
+    table = outcome.stdout[: outcome.stdout.index("selected ")]
+    assert "…" not in table
+    assert "int8-dynamic" in table
+    assert "passed" in table
+
+
 def test_cli_dry_run_does_no_work(tiny_llama, suite_file, tmp_path):
     profile = write_profile(tmp_path, suite_file)
     out = tmp_path / "out"
@@ -264,6 +291,29 @@ def test_cli_usage_errors_exit_2(tiny_llama, suite_file, tmp_path, arguments, me
     assert outcome.exit_code == 2, outcome.output
     assert message in outcome.output
     assert not out.exists()
+
+
+def test_cli_unsupported_source_leaves_no_folder(tiny_llama, suite_file, tmp_path):
+    source = tmp_path / "foo"
+    shutil.copytree(tiny_llama, source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(architectures=["FooForCausalLM"], model_type="foo")
+    (source / "config.json").write_text(json.dumps(config))
+    profile = write_profile(tmp_path, suite_file)
+    out = tmp_path / "out"
+    outcome = CliRunner().invoke(app, ["pipeline", "run", str(source), "-p", str(profile), "-o", str(out)])
+    assert outcome.exit_code == 2, outcome.output
+    assert not out.exists()
+
+
+def test_cli_output_inside_source_exits_2(tiny_llama, suite_file, tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(tiny_llama, source)
+    profile = write_profile(tmp_path, suite_file)
+    outcome = CliRunner().invoke(app, ["pipeline", "run", str(source), "-p", str(profile), "-o", str(source / "pipe")])
+    assert outcome.exit_code == 2, outcome.output
+    assert "inside the source folder" in outcome.output
+    assert not (source / "pipe").exists()
 
 
 def test_cli_missing_source_exits_2(tmp_path):

@@ -16,6 +16,20 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Build, evaluate and select model variants for a hardware profile.", no_args_is_help=True)
 
+# Width for tables when stdout is not a terminal: wide enough that no cell of the result
+# table is cut short in a file or CI log, where rich would otherwise assume 80 columns.
+UNBOUNDED_WIDTH = 1000
+
+
+def _table_console():
+    """Return the console for tables: stdout itself on a terminal, a wide one otherwise."""
+    if stdout.is_terminal:
+        return stdout
+    from rich.console import Console
+
+    return Console(width=UNBOUNDED_WIDTH, soft_wrap=True)
+
+
 SELECT_HELP = "Selection rule among passing variants: cheapest, smallest, fastest or best-quality; default: the profile's."
 
 
@@ -51,13 +65,13 @@ def _show_plan(result: PipelineResult) -> None:
 
     for step in plan.steps():
         table.add_row(step.label, describe(step, plan), step.key[:12], "cached" if cache.is_done(step) else "to run")
-    stdout.print(table)
+    _table_console().print(table)
     variants = Table("variant", "quantization", "weights (estimate)")
     for variant in plan.variants:
         q = variant.quantization
         described = "none (converted model)" if q is None else f"{q.method} {q.mode if q.method == 'int8' else f'block {q.block_size}'}"
         variants.add_row(variant.name, described, human_bytes(sizes.get(variant.name, 0)))
-    stdout.print(variants)
+    _table_console().print(variants)
     estimates = result.preflight.estimates
     stdout.print(
         f"estimates: {estimates.get('parameters', 0):,} parameters, disk {human_bytes(estimates.get('disk_bytes_needed', 0))}"
@@ -77,14 +91,15 @@ def _show_card(result: PipelineResult) -> None:
         name = f"[bold]{variant.name}[/] (selected)" if variant.name == result.selected else variant.name
         row = card_row(variant)
         table.add_row(name, *(row[key] for key, _ in COLUMNS), verdict)
-    stdout.print(table)
+    _table_console().print(table)
     if result.selected:
         stdout.print(f"selected {result.selected} by rule {result.plan.select}: {result.plan.out / 'selected'}", highlight=False)
     for kind, path in result.reports.items():
         stdout.print(f"report ({kind}): {path}", highlight=False)
     steps = {status: sum(1 for s in result.steps if s.status == status) for status in ("built", "cached", "failed")}
+    rerun = " (failed steps run again on the next run)" if steps["failed"] else ""
     stderr.print(
-        f"{steps['built']} steps run, {steps['cached']} cached, {steps['failed']} failed in {result.duration_s:.1f} s",
+        f"{steps['built']} steps built, {steps['cached']} cached, {steps['failed']} failed in {result.duration_s:.1f} s{rerun}",
         highlight=False,
     )
 

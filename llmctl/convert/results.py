@@ -52,7 +52,7 @@ def artifact_status(parity: dict[str, Any] | None) -> str:
 def parity_error(step: str, out: Path, parity: dict[str, Any], tolerance_field: str) -> ParityError:
     """Build the error for a step whose parity breached the profile's tolerance."""
     return ParityError(
-        f"{step} of {out.name}: parity check failed: " + "; ".join(parity["failures"]),
+        f"{step} of {out}: parity check failed: " + "; ".join(parity["failures"]),
         parity=parity,
         hint=f"pass --keep-failed to keep the artifact marked as failed, or loosen recipe.{tolerance_field} in the profile",
     )

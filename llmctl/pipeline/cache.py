@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llmctl.artifacts import now_iso, sha256_file
-from llmctl.errors import UsageError
+from llmctl.artifacts import MANIFEST_NAME, now_iso, read_manifest, sha256_file, verify_manifest
+from llmctl.errors import InputError, UsageError
 from llmctl.pipeline.plan import PlannedStep
+
+logger = logging.getLogger(__name__)
 
 MARKER_NAME = "step.json"
 OUTPUT_NAME = "output"
@@ -57,6 +60,9 @@ class StepCache:
         if not isinstance(record, dict) or record.get("key") != step.key:
             return None
         if not self.output(step).exists():
+            return None
+        if not output_intact(self.output(step), path):
+            logger.warning("the cached output of %s was changed after it was written; building it again", step.label)
             return None
         return record
 
@@ -147,6 +153,36 @@ class StepCache:
         staging = path.with_name(f".{HASHES_NAME}.tmp-{os.getpid()}")
         staging.write_text(json.dumps(memo, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(staging, path)
+
+
+def output_intact(output: Path, marker: Path) -> bool:
+    """Return whether an artifact folder still matches its manifest.
+
+    Sizes and the set of files are checked on every reuse. The sha256 of every file is
+    checked again only when a file or the manifest was modified after the step's marker
+    was written, so an unchanged cache costs a few ``stat`` calls.
+    Folders without a manifest (eval results) count as intact.
+    """
+    manifest_path = output / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return True
+    try:
+        manifest = read_manifest(output)
+    except InputError:
+        return False
+    marker_time = marker.stat().st_mtime_ns
+    present = {p.relative_to(output).as_posix(): p for p in output.rglob("*") if p.is_file()}
+    present.pop(MANIFEST_NAME, None)
+    if set(present) != {entry.path for entry in manifest.files}:
+        return False
+
+    modified_later = manifest_path.stat().st_mtime_ns > marker_time
+    for entry in manifest.files:
+        stat = present[entry.path].stat()
+        if stat.st_size != entry.bytes:
+            return False
+        modified_later = modified_later or stat.st_mtime_ns > marker_time
+    return not modified_later or not verify_manifest(output, manifest)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from typing import Any
 
 from llmctl.artifacts import atomic_output, folder_bytes, package_versions
 from llmctl.errors import LlmctlError, ProfileError, UsageError
-from llmctl.pipeline.cache import StepCache, locked
+from llmctl.pipeline.cache import LOCK_NAME, StepCache, locked
 from llmctl.pipeline.plan import (
     Plan,
     PlannedStep,
@@ -239,6 +239,9 @@ def plan_pipeline(
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path {out} is a file", hint="choose a folder path for -o/--output")
+    if source.is_dir() and (out == source or source in out.parents):
+        # Its cache would land inside the checkpoint and change the source's hash on every run.
+        raise UsageError(f"pipeline folder {out} is inside the source folder {source}", hint="choose a folder outside the source")
     if not profile.eval.suite:
         raise ProfileError(f"profile {profile.name!r} names no eval.suite", hint="set eval.suite, e.g. quick")
     # Option mistakes are reported before any input is read or hashed.
@@ -487,26 +490,43 @@ def run_pipeline(
         ConversionError: the shared convert step failed.
     """
     started = time.perf_counter()
-    plan, preflight = plan_pipeline(source, out, profile=profile, variants=variants, select=select, dry_run=dry_run)
-    result = PipelineResult(plan, preflight, dry_run=dry_run)
-    if dry_run:
-        return result
-    preflight.raise_for_failures()
+    created = not Path(out).exists()
+    runner: Runner | None = None
+    try:
+        plan, preflight = plan_pipeline(source, out, profile=profile, variants=variants, select=select, dry_run=dry_run)
+        result = PipelineResult(plan, preflight, dry_run=dry_run)
+        if dry_run:
+            return result
+        preflight.raise_for_failures()
 
-    with locked(plan.out):
-        runner = Runner(plan, on_event)
-        result.variants = execute(plan, runner)
-        result.steps = runner.records
+        with locked(plan.out):
+            runner = Runner(plan, on_event)
+            result.variants = execute(plan, runner)
+            result.steps = runner.records
 
-        chosen = select_variant(result.variants, plan.select)
-        result.selected = chosen.name if chosen else None
-        link_selected(plan.out, result.selected)
-        result.duration_s = time.perf_counter() - started
+            chosen = select_variant(result.variants, plan.select)
+            result.selected = chosen.name if chosen else None
+            link_selected(plan.out, result.selected)
+            result.duration_s = time.perf_counter() - started
 
-        from llmctl.pipeline.report import write_reports
+            from llmctl.pipeline.report import write_reports
 
-        result.reports = write_reports(result)
+            result.reports = write_reports(result)
+    except UsageError:
+        # An input or option error before any step finished: remove the folder this run
+        # created, which then contains only its lock file and memo of input hashes.
+        if created and (runner is None or not any(record.status == "built" for record in runner.records)):
+            _remove_created_folder(Path(out))
+        raise
     return result
+
+
+def _remove_created_folder(out: Path) -> None:
+    """Remove a pipeline folder that contains only what this run wrote before it failed."""
+    import shutil
+
+    if out.is_dir() and not out.is_symlink() and {p.name for p in out.iterdir()} <= {LOCK_NAME, CACHE_DIR}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def execute(plan: Plan, runner: Runner) -> list[VariantOutcome]:
