@@ -101,6 +101,8 @@ def test_bad_unsupported_architecture(tiny_llama: Path, tmp_path: Path):
     result = _run("convert", folder, "-o", tmp_path / "out")
     _assert_clean_failure(result, 2, "FooForCausalLM", tmp_path)
     assert "LlamaForCausalLM" in result.output
+    assert "whisper" not in result.output
+    assert len(result.output) < 1000
 
 
 def test_bad_corrupt_gguf(tmp_path: Path):
@@ -263,3 +265,22 @@ def test_quantize_hides_library_logs(converted: Path, tmp_path: Path):
     verbose = _run("-vv", *arguments, "-o", tmp_path / "verbose")
     assert verbose.exit_code == 0, verbose.output
     assert "pre-processing" in verbose.output
+
+
+def test_encoder_converts_but_cannot_generate(tiny_llama: Path, tmp_path: Path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    config = BertConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    BertForMaskedLM(config).save_pretrained(bert)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_llama / name).is_file():
+            shutil.copy(tiny_llama / name, bert / name)
+    converted = _run("convert", bert, "-o", tmp_path / "bert-onnx", "--json")
+    assert converted.exit_code == 0, converted.output
+    assert "feature-extraction only" in converted.output
+
+    result = _run("generate", tmp_path / "bert-onnx", "hello", "--max-tokens", "4")
+    assert result.exit_code == 2, result.output
+    assert "cannot generate text" in result.output
+    assert "Traceback" not in result.output

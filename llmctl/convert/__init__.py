@@ -33,23 +33,31 @@ def select_exporter(name: str, source: ResolvedSource) -> Exporter:
     if name != "auto":
         exporter = exporters.create(name)
         reason = getattr(exporter, "unsupported_reason", lambda _: None)(source)
+        if not reason and not exporter.supports(source):
+            reason = f"architecture {source.architecture or source.model_type or '(none)'} is not supported by the {name} exporter"
         if reason:
-            raise UnsupportedError(reason, hint=f"use --exporter auto; the {name} exporter supports: {', '.join(exporter.supported_architectures())}")
-        if not exporter.supports(source):
-            raise UnsupportedError(
-                f"architecture {source.architecture or source.model_type or '(none)'} is not supported by the {name} exporter",
-                hint=f"use --exporter auto; the {name} exporter supports: {', '.join(exporter.supported_architectures())}",
-            )
+            other = "optimum" if name == "genai" else "genai"
+            raise UnsupportedError(reason, hint=f"use --exporter auto or --exporter {other}")
         return exporter
 
     candidates = [exporters.create("genai"), exporters.create("optimum")]
     for exporter in candidates:
         if exporter.supports(source):
             return exporter
-    supported = "; ".join(f"{e.name}: {', '.join(e.supported_architectures())}" for e in candidates)
     raise UnsupportedError(
         f"architecture {source.architecture or '(none)'} (model type {source.model_type or '(none)'}) is not supported by any exporter",
-        hint=f"supported architectures and model types are {supported}",
+        hint=supported_hint(),
+    )
+
+
+def supported_hint() -> str:
+    """Return a short list of what convert supports, for an unsupported-architecture error."""
+    from llmctl.convert.exporters.genai import BUILDER_ARCHITECTURES
+
+    return (
+        f"convert and generate support these decoders: {', '.join(sorted(BUILDER_ARCHITECTURES))}; "
+        "other decoders that optimum exports may work with --exporter optimum; "
+        "encoder models (BERT and the like) convert for feature extraction only"
     )
 
 
@@ -118,6 +126,11 @@ def convert(
         with atomic_output(out, force, inputs) as staging:
             mark = time.perf_counter()
             export = chosen.export(resolved, staging, dtype=dtype, workdir=workdir, execution_provider=provider)
+            if export.task != "text-generation-with-past":
+                logger.warning(
+                    "%s has no causal language model head, so it is exported for %s only; generate, serve and eval cannot use it",
+                    resolved.architecture or resolved.model_type, export.task,
+                )
             removed = remove_gguf_copies(staging)
             durations["export_s"] = round(time.perf_counter() - mark, 2)
             transcoded = None

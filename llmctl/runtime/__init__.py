@@ -23,17 +23,37 @@ BACKEND_CHOICES = ("auto", "genai", "ort", "torch")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 
 
-def _manifest_runtime(folder: Path) -> str | None:
+def _manifest_model(folder: Path) -> dict[str, Any]:
     manifest = folder / "llmctl.json"
     if not manifest.is_file():
-        return None
+        return {}
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         logger.warning("cannot read %s; choosing the backend from the files", manifest)
-        return None
-    runtime = (data.get("model") or {}).get("runtime") if isinstance(data, dict) else None
+        return {}
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, dict) else {}
+
+
+def _manifest_runtime(folder: Path) -> str | None:
+    runtime = _manifest_model(folder).get("runtime")
     return runtime if isinstance(runtime, str) else None
+
+
+# Export tasks of a graph without a language model head (optimum's names).
+NON_GENERATIVE_TASKS = ("feature-extraction", "fill-mask", "text-classification", "token-classification")
+
+
+def _check_generative(folder: Path) -> None:
+    """Reject an artifact whose manifest says it cannot generate text (an encoder, say)."""
+    model = _manifest_model(folder)
+    task = model.get("task")
+    if task in NON_GENERATIVE_TASKS:
+        raise UnsupportedError(
+            f"{folder} is a {task} model ({model.get('architecture') or model.get('model_type')}) and cannot generate text",
+            hint="convert a causal language model (an architecture ending in ForCausalLM)",
+        )
 
 
 def select_backend_name(path: Path, requested: str = "auto") -> str:
@@ -50,7 +70,8 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
 
     Raises:
         InputError: the folder does not exist or contains no model that a backend can run.
-        UnsupportedError: the named backend cannot run this folder.
+        UnsupportedError: the named backend cannot run this folder, or its manifest says it
+            has no language model head.
     """
     from llmctl.registry import backends
 
@@ -60,6 +81,7 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
     if not folder.is_dir():
         raise InputError(f"{folder} is a file, not a model folder", hint="pass the folder that contains it")
 
+    _check_generative(folder)
     has_genai = (folder / "genai_config.json").is_file()
     has_onnx = any(folder.glob("*.onnx"))
     has_weights = (folder / "config.json").is_file() and any(any(folder.glob(p)) for p in WEIGHT_PATTERNS)
