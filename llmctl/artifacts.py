@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmctl import __version__
 from llmctl.errors import InputError, OutputExistsError, UsageError
@@ -103,10 +103,18 @@ class Manifest(BaseModel):
     status: str = Field(
         "ok", description="ok; parity-failed for an artifact kept with --keep-failed; not-validated with --no-validate"
     )
+    manifest_sha256: str | None = Field(None, description="sha256 of every other field, to detect edits of this file")
+
+    def content_digest(self) -> str:
+        """Return the sha256 of the manifest's fields other than ``manifest_sha256``, in canonical JSON."""
+        data = self.model_dump(mode="json", exclude={"manifest_sha256"})
+        text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def write(self, folder: Path) -> Path:
-        """Hash every file in ``folder`` into ``files`` and write the manifest there."""
+        """Hash every file in ``folder`` into ``files``, seal the result and write the manifest there."""
         self.files = hash_folder(folder)
+        self.manifest_sha256 = self.content_digest()
         path = folder / MANIFEST_NAME
         path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
         return path
@@ -136,20 +144,48 @@ def read_manifest(folder: Path) -> Manifest:
     """Load ``llmctl.json`` from an artifact folder.
 
     Raises:
-        InputError: the folder has no manifest or it is not valid.
+        InputError: the folder has no manifest, or it is not valid JSON, was written by a
+            newer llmctl, or does not match the manifest schema.
     """
     path = folder / MANIFEST_NAME
+    if folder.is_file():
+        raise InputError(f"{folder} is a file", hint="pass the artifact folder that contains llmctl.json")
     if not path.is_file():
         raise InputError(f"{folder}: no {MANIFEST_NAME} found", hint="is this a folder written by llmctl convert or quantize?")
+    damaged = "the manifest is damaged; rebuild the artifact"
     try:
-        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise InputError(f"{path}: invalid manifest: {error}".splitlines()[0]) from error
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not a text file", hint=damaged) from error
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg})", hint=damaged) from error
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}", hint=damaged)
+
+    version = data.get("schema_version")
+    if isinstance(version, int) and version > MANIFEST_SCHEMA_VERSION:
+        raise InputError(
+            f"{path}: written by a newer llmctl (manifest schema {version}; this llmctl reads up to {MANIFEST_SCHEMA_VERSION})",
+            hint="upgrade llmctl",
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in problem['loc']) or '(top level)'}: {problem['msg']}" for problem in error.errors()
+        )
+        raise InputError(f"{path}: invalid manifest: {problems}", hint=damaged) from error
 
 
 def verify_manifest(folder: Path, manifest: Manifest) -> list[str]:
-    """Re-hash the artifact's files and return one message per mismatch (empty when all match)."""
+    """Re-hash the artifact's files and return one message per mismatch (empty when all match).
+
+    The manifest itself is checked against its ``manifest_sha256`` (manifests written before
+    that field existed are not).
+    """
     problems = []
+    if manifest.manifest_sha256 and manifest.content_digest() != manifest.manifest_sha256:
+        problems.append(f"{MANIFEST_NAME}: edited after it was written (its content no longer matches manifest_sha256)")
     listed = {entry.path: entry for entry in manifest.files}
     present = {entry.path: entry for entry in hash_folder(folder)}
     for name, entry in listed.items():

@@ -261,3 +261,37 @@ def test_sigterm_removes_staging_and_exits_143(tmp_path: Path) -> None:
     assert result.returncode == 143, result.stderr
     assert "interrupted" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_verify_detects_edited_manifest(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"weights")
+    manifest = _manifest()
+    manifest.status = "parity-failed"
+    manifest.write(tmp_path)
+    assert verify_manifest(tmp_path, read_manifest(tmp_path)) == []
+
+    path = tmp_path / "llmctl.json"
+    path.write_text(path.read_text().replace('"parity-failed"', '"ok"'))
+    problems = verify_manifest(tmp_path, read_manifest(tmp_path))
+    assert len(problems) == 1
+    assert problems[0].startswith("llmctl.json: edited after it was written")
+
+
+def test_read_manifest_truncated_json(tmp_path: Path) -> None:
+    _manifest().write(tmp_path)
+    path = tmp_path / "llmctl.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(InputError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_read_manifest_newer_schema(tmp_path: Path) -> None:
+    (tmp_path / "llmctl.json").write_text('{"schema_version": 99}')
+    with pytest.raises(InputError, match="newer llmctl"):
+        read_manifest(tmp_path)
+
+
+def test_read_manifest_names_invalid_field(tmp_path: Path) -> None:
+    (tmp_path / "llmctl.json").write_text('{"created_at": "now", "source": {"kind": "x"}}')
+    with pytest.raises(InputError, match="source.location"):
+        read_manifest(tmp_path)

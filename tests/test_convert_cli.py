@@ -284,3 +284,25 @@ def test_encoder_converts_but_cannot_generate(tiny_llama: Path, tmp_path: Path):
     assert result.exit_code == 2, result.output
     assert "cannot generate text" in result.output
     assert "Traceback" not in result.output
+
+
+def test_info_accepts_manifest_file(converted: Path):
+    result = _run("info", converted / "llmctl.json")
+    assert result.exit_code == 0, result.output
+    assert "step convert" in result.output
+
+
+def test_info_verify_detects_manifest_edit(converted: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    manifest = copy / "llmctl.json"
+    manifest.write_text(manifest.read_text().replace('"status": "ok"', '"status": "parity-failed"'))
+    result = _run("info", copy, "--verify")
+    assert result.exit_code == 1
+    assert "llmctl.json: edited after it was written" in result.output
+
+
+def test_profile_error_names_environment(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("LLMCTL_PROFILE", "bogus")
+    result = _run("convert", tiny_llama, "-o", tmp_path / "out")
+    _assert_clean_failure(result, 2, "$LLMCTL_PROFILE", tmp_path)

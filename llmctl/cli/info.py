@@ -11,17 +11,19 @@ from llmctl.cli.options import JsonOpt
 
 
 def info_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder (with llmctl.json).", show_default=False)],
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder (with llmctl.json), or its llmctl.json.", show_default=False)],
     verify: Annotated[bool, typer.Option("--verify", help="Re-hash every file and compare with the manifest; exit 1 on a mismatch.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show what an artifact is, where it came from and how it was built."""
-    from llmctl.artifacts import read_manifest, verify_manifest
+    from llmctl.artifacts import MANIFEST_NAME, read_manifest, verify_manifest
     from llmctl.cli.output import emit_json, human_bytes, stdout
     from llmctl.errors import ConversionError, InputError
 
     if not artifact.exists():
         raise InputError(f"{artifact}: path not found", hint="pass a folder written by llmctl convert or quantize")
+    if artifact.is_file() and artifact.name == MANIFEST_NAME:
+        artifact = artifact.parent  # the manifest file stands for its artifact folder
     manifest = read_manifest(artifact)
     problems = verify_manifest(artifact, manifest) if verify else None
 
@@ -46,4 +48,4 @@ def info_command(
             for problem in problems or []:
                 stdout.print(f"  {problem}")
     if problems:
-        raise ConversionError(f"{artifact}: {len(problems)} file(s) do not match the manifest", hint="rebuild the artifact; it was changed after it was written")
+        raise ConversionError(f"{artifact}: {len(problems)} file(s) do not match the manifest", hint="rebuild the artifact because it was changed after it was written")

@@ -83,8 +83,19 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
     """
     import os
 
-    if name_or_path is None:
-        name_or_path = os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE
+    from_environment = name_or_path is None and bool(os.environ.get(ENV_PROFILE))
+    try:
+        return _load_named_profile(name_or_path if name_or_path is not None else os.environ.get(ENV_PROFILE) or DEFAULT_PROFILE)
+    except ProfileError as error:
+        if from_environment:
+            error.message = f"{error.message} (from ${ENV_PROFILE})"
+            error.hint = f"fix or unset ${ENV_PROFILE}" + (f"; {error.hint}" if error.hint else "")
+        raise
+
+
+def _load_named_profile(name_or_path: str | Path) -> Profile:
+    import os
+
     text = str(name_or_path)
     candidate = Path(text).expanduser()
     if candidate.suffix in {".yaml", ".yml"} or os.sep in text or candidate.is_file():
