@@ -281,7 +281,16 @@ def check_output_path(out: Path | str, force: bool = False, inputs: tuple[Path |
         if not force:
             raise OutputExistsError(f"output folder {out} already exists", hint="pass --force to replace it")
 
-    parent = _existing_ancestor(target.parent)
+    check_writable(target.parent)
+
+
+def check_writable(folder: Path) -> None:
+    """Check that ``folder``, or the nearest part of it that exists, is a folder this process can write.
+
+    Raises:
+        UsageError: the nearest existing part is a file or is not writable.
+    """
+    parent = _existing_ancestor(_resolved(folder))
     if not parent.is_dir():
         raise UsageError(f"output parent {parent} is not a folder", hint="choose another -o/--output")
     if not os.access(parent, os.W_OK | os.X_OK):

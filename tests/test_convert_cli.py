@@ -306,3 +306,15 @@ def test_profile_error_names_environment(tiny_llama: Path, tmp_path: Path, monke
     monkeypatch.setenv("LLMCTL_PROFILE", "bogus")
     result = _run("convert", tiny_llama, "-o", tmp_path / "out")
     _assert_clean_failure(result, 2, "$LLMCTL_PROFILE", tmp_path)
+
+
+def test_quantize_truncated_external_data(converted: Path, tmp_path: Path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(converted, damaged)
+    data = damaged / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:3000])
+    result = _run("quantize", damaged, "-o", tmp_path / "out", "--method", "int4")
+    assert result.exit_code == 2, result.output
+    assert "cannot load the ONNX model" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -316,6 +316,16 @@ def test_cli_output_inside_source_exits_2(tiny_llama, suite_file, tmp_path):
     assert not (source / "pipe").exists()
 
 
+def test_cli_unwritable_output_exits_2(tiny_llama, suite_file, tmp_path, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not mode & os.W_OK and real_access(path, mode))
+    profile = write_profile(tmp_path, suite_file)
+    outcome = CliRunner().invoke(app, ["pipeline", "run", str(tiny_llama), "-p", str(profile), "-o", str(tmp_path / "ro" / "out")])
+    assert outcome.exit_code == 2, outcome.output
+    assert "permission denied" in outcome.output
+    assert not (tmp_path / "ro").exists()
+
+
 def test_cli_missing_source_exits_2(tmp_path):
     outcome = CliRunner().invoke(app, ["pipeline", "run", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
     assert outcome.exit_code == 2

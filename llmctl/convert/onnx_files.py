@@ -11,23 +11,36 @@ from pathlib import Path
 
 import numpy as np
 
+from llmctl.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 EXTERNAL_DATA_SUFFIX = ".data"
 
 
-def load_model(path: Path):
-    """Load an ONNX model with its external data."""
-    import onnx
+def load_model(path: Path, *, load_external_data: bool = True):
+    """Load an ONNX model, with its external data unless told otherwise.
 
-    return onnx.load(str(path), load_external_data=True)
+    Raises:
+        InputError: the graph or its external data is truncated, corrupt or missing.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        return onnx.load(str(path), load_external_data=load_external_data)
+    except (DecodeError, ValueError, OSError) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise InputError(
+            f"{path}: cannot load the ONNX model: {detail}", hint="the artifact is damaged; convert the model again"
+        ) from error
 
 
 def external_data_files(path: Path) -> list[Path]:
     """Return the external data files that the graph at ``path`` refers to."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_model(path, load_external_data=False)
     names = {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
     return [path.parent / name for name in sorted(names)]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmctl.artifacts import atomic_output, folder_bytes, package_versions
+from llmctl.artifacts import atomic_output, check_writable, folder_bytes, package_versions
 from llmctl.errors import LlmctlError, ProfileError, UsageError
 from llmctl.pipeline.cache import LOCK_NAME, StepCache, locked
 from llmctl.pipeline.plan import (
@@ -248,6 +248,8 @@ def plan_pipeline(
     check_select_rule(select or profile.recipe.select)
     narrow_variants(profile_variants(profile), variants, profile.name)
 
+    if not dry_run:
+        check_writable(out)
     # A dry run writes nothing, not even the memo of input hashes.
     cache = StepCache(out / CACHE_DIR, persist=not dry_run)
     suite_file, suite_digest, data_digests = _suite_inputs(profile.eval.suite, cache)

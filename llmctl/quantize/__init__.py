@@ -108,9 +108,9 @@ def already_quantized(model_dir: Path, onnx_file: Path) -> str | None:
         if manifest.model.get("dtype") == "gguf":
             return "GGUF blocks kept by convert"
 
-    import onnx
+    from llmctl.convert.onnx_files import load_model
 
-    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    graph = load_model(onnx_file, load_external_data=False).graph
     found = sorted({node.op_type for node in graph.node if node.op_type in QUANTIZED_OPS})
     if found:
         return f"its graph contains {', '.join(found)}"
