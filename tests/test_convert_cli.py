@@ -253,7 +253,9 @@ def test_gpu_profile_without_cuda_rejected(tiny_llama: Path, tmp_path: Path):
 def test_no_validate_marks_not_validated(tiny_llama: Path, tmp_path: Path):
     result = _run("convert", tiny_llama, "-o", tmp_path / "out", "--no-validate", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["status"] == "not-validated"
+    summary = json.loads(result.output)
+    assert summary["status"] == "not-validated"
+    assert summary["sizes"]["folder_bytes"] == summary["folder_bytes"]
     assert json.loads((tmp_path / "out" / "llmctl.json").read_text())["status"] == "not-validated"
 
 
@@ -318,3 +320,11 @@ def test_quantize_truncated_external_data(converted: Path, tmp_path: Path):
     assert "cannot load the ONNX model" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_config_without_architecture(tiny_llama: Path, tmp_path: Path):
+    folder = tmp_path / "empty-config"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "config.json").write_text("{}")
+    result = _run("convert", folder, "-o", tmp_path / "out")
+    _assert_clean_failure(result, 2, "no architectures or model_type", tmp_path)

@@ -177,7 +177,9 @@ def convert(
             if status == "parity-failed" and not keep_failed:
                 raise parity_error("convert", out, parity, "convert_tolerance")
             manifest.write(staging)
+            # Measured again now that llmctl.json exists, so both keys describe the final folder.
             summary["folder_bytes"] = folder_bytes(staging)
+            summary["sizes"] = {**summary["sizes"], "folder_bytes": summary["folder_bytes"]}
 
     summary["path"] = str(out.resolve())
     return ConvertResult(path=out.resolve(), manifest=manifest, summary=summary)

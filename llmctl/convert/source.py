@@ -102,7 +102,14 @@ def _resolve_folder(folder: Path, *, kind: str, location: str) -> ResolvedSource
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
-        raise InputError(f"{config_path}: invalid JSON: {error}") from error
+        raise InputError(
+            f"{config_path}: invalid JSON: {error}", hint="save the checkpoint again, or fix config.json by hand"
+        ) from error
+    if not isinstance(config, dict) or not (config.get("architectures") or config.get("model_type")):
+        raise InputError(
+            f"{config_path}: config.json has no architectures or model_type",
+            hint="save the checkpoint again with save_pretrained, which writes both",
+        )
 
     weight_files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     if not weight_files:
