@@ -206,12 +206,15 @@ def check_dtype_runs(dtype: str, profile: Any, *, explicit: bool) -> str:
             hint="use --dtype fp32, or a GPU profile on a machine with CUDA",
         )
 
-    from llmctl.pipeline.preflight import check_execution_provider
+    import onnxruntime
 
-    check = check_execution_provider(provider)
-    if not check.ok:
+    from llmctl.pipeline.preflight import PROVIDER_NAMES
+
+    available = onnxruntime.get_available_providers()
+    if PROVIDER_NAMES[provider] not in available:
         raise UsageError(
-            f"{source}: profile {profile.name!r} targets the {provider} execution provider, and {check.detail}",
+            f"{'--dtype fp16' if explicit else 'recipe.dtype fp16'}: profile {profile.name!r} targets "
+            f"{PROVIDER_NAMES[provider]}, and this onnxruntime offers only {', '.join(available)}",
             hint="pass --dtype fp32 to build a CPU artifact, or choose a CPU profile such as cpu-x86-avx2",
         )
     return provider
