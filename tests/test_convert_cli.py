@@ -246,7 +246,7 @@ def test_gpu_profile_without_cuda_rejected(tiny_llama: Path, tmp_path: Path):
         pytest.skip("this machine offers CUDA")
     result = _run("convert", tiny_llama, "-o", tmp_path / "out", "--profile", "gpu-nvidia-l4")
     _assert_clean_failure(result, 2, "gpu-nvidia-l4", tmp_path)
-    assert "cuda" in result.output
+    assert "CUDAExecutionProvider" in result.output
     assert "--dtype fp32" in result.output
 
 
