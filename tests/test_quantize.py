@@ -141,6 +141,13 @@ def test_int4_untied_embedding(tiny_llama_untied: Path, tmp_path: Path, profile)
     assert result.summary["head"] == "int4 MatMulNBits"
 
 
+def test_int4_hqq_float_zero_points_not_shared(llama_onnx: Path, tmp_path: Path, profile):
+    result = quantize(llama_onnx, tmp_path / "hqq", profile=profile, method="int4", algorithm="hqq")
+    assert result.summary["status"] == "ok"
+    assert result.summary["shared_embedding"] is False
+    assert result.summary["embedding"] == "int4 GatherBlockQuantized"
+
+
 def test_int8_weight_only_parity(llama_onnx: Path, tmp_path: Path):
     result = quantize(llama_onnx, tmp_path / "int8", profile=load_profile(None), method="int8", accuracy_level=1)
     assert result.summary["status"] == "ok"

@@ -221,6 +221,13 @@ def _share_head_with_embedding(model, layout: EmbeddingLayout, bits: int, block_
     if attributes.get("bits") != bits or attributes["K"] % block_size:
         return False
 
+    # GatherBlockQuantized takes packed integer zero points only; HQQ writes float ones.
+    initializers = {t.name: t for t in graph.initializer}
+    if len(head.input) > 3 and head.input[3]:
+        zero_points = initializers.get(head.input[3])
+        if zero_points is None or zero_points.data_type != onnx.TensorProto.UINT8:
+            return False
+
     vocab, hidden = attributes["N"], attributes["K"]
     reshaped = []
     for index, width in ((1, hidden * bits // 8), (2, hidden // block_size), (3, -(-(hidden // block_size) * bits // 8))):
