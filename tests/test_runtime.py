@@ -257,6 +257,58 @@ def test_closing_iterator_frees_engine_slot(genai_backend) -> None:
     assert engine.active_requests == 0
 
 
+def test_closed_stream_stops_engine_batch(genai_backend) -> None:
+    engine = genai_backend._engine
+    prompt = genai_backend.encode(PROMPT)
+    stream = genai_backend.generate(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    next(stream)
+    next(stream)
+    stream.close()
+    steps_at_close = engine.steps
+
+    short = _tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    for _ in range(100):
+        if engine.active_requests == 0:
+            break
+        threading.Event().wait(0.02)
+
+    assert len(short) == 4
+    assert engine.active_requests == 0
+    # Running the abandoned request to its max_tokens would take about 200 more steps.
+    assert engine.steps - steps_at_close < 50
+
+
+def test_request_runs_beside_engine_batch(genai_backend) -> None:
+    engine = genai_backend._engine
+    prompt = genai_backend.encode(PROMPT)
+    expected = _tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    long = genai_backend.generate(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+    short: list[int] = []
+    long_thread = threading.Thread(target=next, args=(long,))
+    short_thread = threading.Thread(target=lambda: short.extend(_tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)))
+
+    # Both generations line up for the step lock before either runs, so the tiny model
+    # cannot finish the long one before the short one starts.
+    with genai_backend._lock:
+        long_thread.start()
+        for _ in range(100):
+            if engine.active_requests == 1:
+                break
+            threading.Event().wait(0.02)
+        short_thread.start()
+        for _ in range(100):
+            if len(genai_backend._lock._waiters) == 2:
+                break
+            threading.Event().wait(0.02)
+    short_thread.join(timeout=60)
+    long_still_running = engine.active_requests == 1
+    long_thread.join(timeout=60)
+    long.close()
+
+    assert short == expected
+    assert long_still_running
+
+
 @pytest.mark.parametrize("name", ["torch", "ort", "genai-unbatched"])
 def test_closing_iterator_stops_generation(backends, name: str) -> None:
     stream = backends[name].generate(backends[name].encode(PROMPT), SamplingParams(max_tokens=200, temperature=0))

@@ -2,15 +2,23 @@
 
 Three generation paths, chosen per request:
 
-- continuous batching: requests that GenAI's own sampler can serve (temperature, top-p,
-  top-k, seed) go to one ``og.Engine`` driven by a background thread, which batches the
-  decode steps of concurrent requests;
-- a plain ``og.Generator`` loop for the same requests when batching is turned off (the CLI);
+- batching: requests that GenAI's own sampler can serve (temperature, top-p, top-k, seed)
+  go to one ``og.Engine`` driven by a background thread, which batches the decode steps of
+  requests that arrive while it is idle;
+- a plain ``og.Generator`` loop for the same requests when batching is turned off (the CLI),
+  or when the engine is busy with a batch that a new request cannot join;
 - a ``Generator`` loop that reads the logits and samples in numpy for requests that need
   logit bias, penalties or log-probabilities, which GenAI 0.12.2 does not offer natively.
 
 GenAI hands back only the last position's logits, so ``score`` runs the same decoder file
 through onnxruntime (loaded on first use).
+
+On CPU, ``og.Engine`` in onnxruntime-genai 0.12.2 schedules requests in static batches of at
+most four: a request added while a batch runs waits until that whole batch has finished, and
+``remove_request`` does not stop a request that is already in a batch. So the engine only
+takes requests while it is idle, a busy engine sends new requests to their own generators,
+and a batch whose readers have all gone is dropped with its engine. Every engine step and
+generator step takes turns on one lock, so concurrent requests progress together.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import logging
 import queue
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +46,9 @@ from llmctl.runtime.tokenizer import read_json
 logger = logging.getLogger(__name__)
 
 GENAI_PROVIDERS = {"cuda": "cuda", "dml": "dml", "tensorrt": "NvTensorRtRtx", "coreml": "coreml"}
+# NOTE: the largest static batch og.Engine (0.12.2) forms; it is a constant in its scheduler,
+# not a setting, and a batch past it would wait for the first four to finish.
+ENGINE_BATCH_SIZE = 4
 
 
 class GenAIBackend(ScoringBackend):
@@ -59,8 +71,8 @@ class GenAIBackend(ScoringBackend):
         )
         self.model: Any = None
         self._og: Any = None
-        # Serializes Generator calls: GenAI documents no thread-safety for concurrent generators.
-        self._lock = threading.Lock()
+        # Serializes Generator and Engine calls: GenAI documents no thread-safety for them.
+        self._lock = _TurnLock()
         self._engine: _EngineWorker | None = None
         self._engine_eos_id: int | None = None
         self._scorer: OnnxDecoder | None = None
@@ -103,7 +115,8 @@ class GenAIBackend(ScoringBackend):
         # The id reported for a request the engine ended on an end-of-sequence token.
         self._engine_eos_id = int(genai_eos[0]) if genai_eos else (self._eos_ids[0] if self._eos_ids else None)
         if self.batching:
-            self._engine = _EngineWorker(og.Engine(self.model))
+            model = self.model
+            self._engine = _EngineWorker(lambda: og.Engine(model), self._lock)
 
     def close(self) -> None:
         if self._engine is not None:
@@ -196,7 +209,13 @@ class GenAIBackend(ScoringBackend):
         assert engine is not None
         request = self._og.Request(self._generator_params(len(ids), budget, params, native=True))
         request.add_tokens(np.asarray(ids, dtype=np.int32))
-        key, tokens = engine.submit(request)
+        submitted = engine.try_submit(request)
+        if submitted is None:
+            # The engine is running a batch that this request cannot join.
+            yield from self._generate_native(ids, budget, params)
+            return
+
+        key, tokens = submitted
         finished = False
         count = 0
         try:
@@ -254,104 +273,170 @@ class GenAIBackend(ScoringBackend):
         return self.model
 
 
-class _EngineWorker:
-    """Owns one ``og.Engine`` and steps it on a background thread.
+class _TurnLock:
+    """A lock handed to waiting threads in arrival order.
 
-    Every engine call happens on that thread; other threads only put submissions and
-    cancellations on queues, so the engine is never touched concurrently. Each request's
-    tokens go to its own queue as ``(tokens, done)`` items, or an exception if a step fails.
+    Each generation loops "take the lock, run one step, release"; with a plain lock the
+    releasing thread usually takes it straight back, so one request would starve the others.
     """
 
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-        self._submissions: queue.Queue = queue.Queue()
-        self._cancellations: queue.Queue = queue.Queue()
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # the releasing thread hands the lock over before it sets the event
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._held = False
+
+
+class _EngineWorker:
+    """Owns one ``og.Engine`` and steps it on a background thread, one static batch at a time.
+
+    Every engine call happens on that thread, under the backend's step lock. Other threads
+    only add requests to the next batch (while the engine is idle) and cancel them. Each
+    request's tokens go to its own queue as ``(tokens, done)`` items, or an exception if a
+    step fails.
+
+    Args:
+        create_engine: builds a fresh ``og.Engine`` on the loaded model.
+        step_lock: the lock every engine and generator step takes.
+    """
+
+    def __init__(self, create_engine: Callable[[], Any], step_lock: _TurnLock) -> None:
+        self._create_engine = create_engine
+        self._engine = create_engine()
+        self._step_lock = step_lock
+        self._condition = threading.Condition()
+        # Guarded by _condition: requests waiting for the next batch, cancelled keys, and
+        # whether the engine takes new requests (it does only between batches).
+        self._pending: list[tuple[int, Any, queue.Queue]] = []
+        self._cancelled: set[int] = set()
+        self._accepting = True
+        self._stopping = False
+        # Owned by the worker thread.
         self._streams: dict[int, tuple[Any, queue.Queue]] = {}
+        self._abandoned = False
         self._keys = itertools.count()
-        self._stopping = threading.Event()
+        self.steps = 0
         self._thread = threading.Thread(target=self._run, name="genai-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, request: Any) -> tuple[int, queue.Queue]:
-        key = next(self._keys)
-        tokens: queue.Queue = queue.Queue()
-        request.set_opaque_data(key)
-        self._submissions.put((key, request, tokens))
-        return key, tokens
+    def try_submit(self, request: Any) -> tuple[int, queue.Queue] | None:
+        """Add ``request`` to the next batch; return its key and token queue, or None when the engine is busy."""
+        with self._condition:
+            if self._stopping or not self._accepting or len(self._pending) >= ENGINE_BATCH_SIZE:
+                return None
+            key = next(self._keys)
+            tokens: queue.Queue = queue.Queue()
+            request.set_opaque_data(key)
+            self._pending.append((key, request, tokens))
+            self._condition.notify()
+            return key, tokens
 
     def cancel(self, key: int) -> None:
-        self._cancellations.put(key)
+        with self._condition:
+            self._cancelled.add(key)
+            self._condition.notify()
 
     def stop(self) -> None:
         """Stop the thread, fail the requests still in flight and release the engine."""
-        self._stopping.set()
-        self._submissions.put(None)
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
         self._thread.join(timeout=10)
         self._engine = None
 
     @property
     def active_requests(self) -> int:
-        """The number of requests in the engine, for tests and metrics."""
+        """The number of requests in the engine that a reader still waits on, for tests and metrics."""
         return len(self._streams)
 
-    def _take_submissions(self) -> None:
-        block = not self._streams
-        while True:
-            try:
-                item = self._submissions.get(block=block, timeout=0.5 if block else None)
-            except queue.Empty:
-                return
-            block = False
-            if item is None:
-                continue
-            key, request, tokens = item
+    def _next_work(self) -> list[tuple[int, Any, queue.Queue]] | None:
+        """Wait for work; return the requests that start a batch now, or None to stop."""
+        with self._condition:
+            while not (self._streams or self._pending or self._cancelled or self._stopping):
+                self._condition.wait()
+            if self._stopping:
+                return None
+            cancelled, self._cancelled = self._cancelled, set()
+            for key in cancelled:
+                if self._streams.pop(key, None) is not None:
+                    self._abandoned = True
+            starting: list[tuple[int, Any, queue.Queue]] = []
+            if not self._streams:
+                starting = [entry for entry in self._pending if entry[0] not in cancelled]
+                self._pending.clear()
+                self._accepting = not starting
+            return starting
+
+    def _start_batch(self, starting: list[tuple[int, Any, queue.Queue]]) -> None:
+        if self._abandoned:
+            # Cancelled requests are still in the old batch, and only a new engine drops
+            # them. og.Engine (0.12.2) crashes when two engines exist at once.
+            self._engine = None
+            self._engine = self._create_engine()
+            self._abandoned = False
+        for key, request, tokens in starting:
             self._engine.add_request(request)
             self._streams[key] = (request, tokens)
 
-    def _take_cancellations(self) -> None:
-        while True:
-            try:
-                key = self._cancellations.get_nowait()
-            except queue.Empty:
-                return
-            entry = self._streams.pop(key, None)
-            if entry is not None:
-                self._engine.remove_request(entry[0])
-
     def _run(self) -> None:
-        while not self._stopping.is_set():
+        while True:
+            starting = self._next_work()
+            if starting is None:
+                break
             try:
-                self._take_submissions()
-                self._take_cancellations()
+                if starting or (self._abandoned and not self._streams):
+                    self._start_batch(starting)
                 if not self._streams:
                     continue
-                try:
-                    request = self._engine.step()
-                except RuntimeError:
-                    # A step whose requests all end on an end-of-sequence token has no token to
-                    # hand out, and og.Engine (0.12.2) raises "Expected at least one request to
-                    # be ready". Those requests are done; anything else is a real failure.
-                    if not self._drain_finished():
-                        raise
-                    continue
-                if request is None:
-                    self._drain_all()
-                else:
-                    self._drain(request)
-                # A request that ends on an end-of-sequence token in a batch with others is
-                # never returned by step(), so its stream would wait forever.
-                self._drain_finished()
+                with self._step_lock:
+                    self.steps += 1
+                    try:
+                        request = self._engine.step()
+                    except RuntimeError:
+                        # A step whose requests all end on an end-of-sequence token has no token
+                        # to hand out, and og.Engine (0.12.2) raises "Expected at least one
+                        # request to be ready". Those requests are done; anything else is a
+                        # real failure.
+                        if not self._drain_finished():
+                            raise
+                        request = None
+                    else:
+                        if request is None:
+                            self._drain_all()
+                        else:
+                            self._drain(request)
+                        # A request that ends on an end-of-sequence token in a batch with others
+                        # is never returned by step(), so its stream would wait forever.
+                        self._drain_finished()
             except Exception as error:  # a failed step fails every request in flight, not the thread
                 logger.exception("GenAI engine step failed; failing %d requests", len(self._streams))
-                for request, tokens in self._streams.values():
-                    try:
-                        self._engine.remove_request(request)
-                    except Exception:  # already gone from the engine
-                        logger.debug("removing a failed request", exc_info=True)
+                for _, tokens in self._streams.values():
                     tokens.put(error)
                 self._streams.clear()
-        for request, tokens in self._streams.values():
-            self._engine.remove_request(request)
+                self._abandoned = True
+            if not self._streams:
+                with self._condition:
+                    self._accepting = True
+
+        with self._condition:
+            orphans = [tokens for _, _, tokens in self._pending]
+            self._pending.clear()
+        for tokens in [*orphans, *(tokens for _, tokens in self._streams.values())]:
             tokens.put(RuntimeBackendError("the model was unloaded during generation"))
         self._streams.clear()
 
