@@ -357,3 +357,45 @@ def test_calibration_caps_efficiency_at_one(tmp_path):
     calibrated, record = calibrate_profile(stats, profile, measurement)
     assert calibrated.cost_model.decode_efficiency == 1.0
     assert record["notes"]
+
+
+def test_estimate_costs_one_workload_per_profile():
+    profiles = [load_profile("cpu-x86-avx2"), load_profile("gpu-nvidia-t4")]
+    workloads = [workload(kv_cache_dtype="fp32"), workload(kv_cache_dtype="fp16")]
+    report = estimate_costs(stats_of(SMOLLM2_135M), profiles, workloads)
+    by_profile = {row.profile: row for row in report.rows}
+    assert by_profile["cpu-x86-avx2"].workload["kv_cache_dtype"] == "fp32"
+    assert by_profile["gpu-nvidia-t4"].workload["kv_cache_dtype"] == "fp16"
+    assert report.workload["varies_by_profile"] == ["kv_cache_dtype"]
+
+
+def test_estimate_costs_rejects_mismatched_workloads():
+    with pytest.raises(UsageError, match="2 workloads for 1 profiles"):
+        estimate_costs(stats_of(SMOLLM2_135M), [load_profile("cpu-x86-avx2")], [workload(), workload()])
+
+
+@pytest.mark.parametrize("value", [0.0, -5.0, float("nan"), float("inf")])
+def test_targets_reject_impossible_values(value):
+    with pytest.raises(UsageError, match="--max-ttft-ms"):
+        Targets(max_ttft_ms=value)
+
+
+def test_workload_rejects_infinite_rate():
+    with pytest.raises(UsageError, match="--requests-per-second must be a finite number"):
+        workload(requests_per_second=float("inf"))
+
+
+def test_estimate_warns_past_context_length():
+    stats = stats_of({**SMOLLM2_135M, "max_position_embeddings": 600})
+    report = estimate_costs(stats, [load_profile("cpu-x86-avx2")], workload())
+    assert report.warnings == [
+        "640 tokens per stream exceed the model's context length of 600 (max_position_embeddings in its config); "
+        "check --prompt-tokens, --output-tokens and --context"
+    ]
+
+
+def test_estimate_note_without_targets_names_price():
+    report = estimate_costs(stats_of(SMOLLM2_135M), [load_profile("cpu-x86-avx2")], workload())
+    assert report.cheapest is None
+    assert report.notes == ["no chosen profile that fits has a price, so none is recommended: "
+                            "set hardware.price in the profile or pass --price-per-hour"]

@@ -172,3 +172,171 @@ def test_cost_path_imports_no_heavy_modules(smollm2):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+# --- each profile keeps its own workload ------------------------------------------------------
+
+
+def rows_by_profile(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return {row["profile"]: row for row in json.loads(result.stdout)["rows"]}
+
+
+def test_cli_row_independent_of_other_profiles(smollm2):
+    alone = rows_by_profile(invoke(str(smollm2), "-p", "gpu-nvidia-t4", "--json"))["gpu-nvidia-t4"]
+    after_cpu = rows_by_profile(invoke(str(smollm2), "-p", "cpu-x86-avx2", "-p", "gpu-nvidia-t4", "--json"))
+    before_cpu = rows_by_profile(invoke(str(smollm2), "-p", "gpu-nvidia-t4", "-p", "cpu-x86-avx2", "--json"))
+    cpu_alone = rows_by_profile(invoke(str(smollm2), "-p", "cpu-x86-avx2", "--json"))["cpu-x86-avx2"]
+    assert after_cpu["gpu-nvidia-t4"] == alone
+    assert before_cpu["cpu-x86-avx2"] == cpu_alone
+    assert alone["workload"]["kv_cache_dtype"] == "fp16"
+    assert cpu_alone["workload"]["kv_cache_dtype"] == "fp32"
+
+
+def test_cli_option_overrides_every_profile(smollm2):
+    rows = rows_by_profile(invoke(str(smollm2), "-p", "cpu-x86-avx2", "-p", "gpu-nvidia-t4",
+                                  "--kv-cache-dtype", "int8", "--prompt-tokens", "100", "--json"))
+    assert {row["workload"]["kv_cache_dtype"] for row in rows.values()} == {"int8"}
+    assert {row["workload"]["prompt_tokens"] for row in rows.values()} == {100}
+
+
+def test_cli_workload_names_varying_settings(smollm2):
+    result = invoke(str(smollm2), "-p", "cpu-x86-avx2", "-p", "gpu-nvidia-t4", "--json")
+    workload = json.loads(result.stdout)["workload"]
+    assert workload["varies_by_profile"] == ["kv_cache_dtype"]
+    assert workload["kv_cache_dtype"] == {"gpu-nvidia-t4": "fp16", "cpu-x86-avx2": "fp32"}
+    assert workload["prompt_tokens"] == 512
+
+
+def test_cli_table_shows_each_rows_kv_dtype(smollm2):
+    result = invoke(str(smollm2), "-p", "cpu-x86-avx2", "-p", "gpu-nvidia-t4")
+    assert result.exit_code == 0, result.output
+    assert "KV fp16 x 640" in result.stdout
+    assert "KV fp32 x 640" in result.stdout
+    assert "23,040 in fp16, 46,080 in fp32" in result.stdout
+
+
+def test_cli_header_kv_dtype_matches_workload(smollm2):
+    result = invoke(str(smollm2))  # the default profile keeps its KV cache in fp32
+    assert "46,080 in fp32" in result.stdout
+    assert "KV cache fp32 x 640 tokens per stream" in result.stdout
+    assert "fp16" not in result.stdout
+
+
+def test_cli_all_profiles_with_builtin_profile_noted(smollm2):
+    result = invoke(str(smollm2), "--all-profiles", "-p", "gpu-nvidia-t4", "--json")
+    notes = json.loads(result.stdout)["notes"]
+    assert any("already includes gpu-nvidia-t4" in note for note in notes)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def test_cli_table_whole_when_piped(smollm2):
+    result = invoke(str(smollm2), "--all-profiles", "--quant", "int4", "--max-ttft-ms", "500")
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.stdout
+    for name in ("gpu-nvidia-a100-80gb", "gpu-nvidia-h100-80gb", "cpu-x86-avx512-vnni-c7i"):
+        assert name in result.stdout
+
+
+# --- bad numbers and notes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--requests-per-second", "--tokens-per-day", "--max-ttft-ms",
+                                    "--min-tokens-per-second", "--price-per-hour"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_cli_rejects_non_finite(smollm2, option, value):
+    result = invoke(str(smollm2), option, value)
+    assert result.exit_code == 2, result.output
+    assert option in result.stderr
+    assert "finite" in result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option", ["--max-ttft-ms", "--min-tokens-per-second"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_cli_rejects_non_positive_target(smollm2, option, value):
+    result = invoke(str(smollm2), option, value)
+    assert result.exit_code == 2, result.output
+    assert f"{option} must be greater than 0" in result.stderr
+
+
+def test_cli_no_targets_note_names_price(smollm2):
+    result = invoke(str(smollm2))
+    assert result.exit_code == 0, result.output
+    assert "targets" not in result.stdout
+    assert "no chosen profile that fits has a price" in result.stdout
+
+
+def test_cli_missed_target_note(smollm2):
+    result = invoke(str(smollm2), "--max-ttft-ms", "0.001", "--price-per-hour", "1")
+    assert "no priced profile meets the targets" in result.stdout
+
+
+def test_cli_warns_past_context_length(tmp_path):
+    model = write_config(tmp_path / "smol", {**SMOLLM2_135M, "max_position_embeddings": 8192})
+    result = invoke(str(model), "--output-tokens", "10000")
+    assert result.exit_code == 0, result.output
+    assert "10,512 tokens per stream exceed the model's context length of 8,192" in result.stderr
+    within = invoke(str(model))
+    assert "context length" not in within.stderr
+
+
+def test_cli_bad_config_value_has_hint(tmp_path):
+    model = write_config(tmp_path / "bad", {**SMOLLM2_135M, "hidden_size": "big"})
+    result = invoke(str(model))
+    assert result.exit_code == 2
+    assert "hidden_size must be a positive integer" in result.stderr
+    assert "hint:" in result.stderr
+
+
+# --- hub ids ----------------------------------------------------------------------------------
+
+
+def test_cli_hub_id_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke("nosuchorg/nosuchmodel")
+    assert result.exit_code == 2
+    assert "HF_HUB_OFFLINE" in result.stderr
+    assert "Retrying" not in result.output
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A local TCP port with nothing listening on it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_hub_unreachable_fails_without_retries(monkeypatch, closed_port):
+    from huggingface_hub import constants
+
+    from llmctl.cost.model_config import load_model_config
+    from llmctl.errors import InputError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port}")
+    with pytest.raises(InputError) as error:
+        load_model_config("nosuchorg/nosuchmodel")
+    assert f"127.0.0.1:{closed_port} cannot be reached" in error.value.message
+    assert "HF_HUB_OFFLINE=1" in error.value.hint
+
+
+def test_hub_id_read_from_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    from llmctl.cost.model_config import load_model_config
+
+    snapshot = tmp_path / "models--someone--smol" / "snapshots" / "abc123"
+    write_config(snapshot, SMOLLM2_135M)
+    (tmp_path / "models--someone--smol" / "refs").mkdir()
+    (tmp_path / "models--someone--smol" / "refs" / "main").write_text("abc123", encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    config = load_model_config("someone/smol")
+    assert config.values["hidden_size"] == 576
+    assert config.name == "smol"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from llmctl.cost.estimate import CostReport, Targets, WorkloadSpec, estimate_costs
 from llmctl.errors import ProfileError, UsageError
+from llmctl.profiles.schema import Profile
 
-__all__ = ["CostRequest", "CostReport", "Targets", "WorkloadSpec", "cost_estimate"]
+__all__ = ["CostRequest", "CostReport", "Targets", "WorkloadSpec", "cost_estimate", "targets_for", "workload_for"]
 
 
 @dataclass
@@ -48,8 +49,9 @@ class CostRequest:
 def cost_estimate(request: CostRequest) -> CostReport:
     """Estimate memory, speed and cost of ``request.model`` on the chosen profiles.
 
-    The workload and targets not given in the request come from the first chosen profile,
-    so every row is estimated for the same workload.
+    Each profile is estimated with its own ``workload`` settings (token counts, load, KV
+    cache dtype, latency targets); a setting given in the request replaces it on every
+    profile. A row therefore does not depend on which other profiles are listed.
 
     Raises:
         InputError: the model configuration cannot be read or lacks a field.
@@ -60,52 +62,75 @@ def cost_estimate(request: CostRequest) -> CostReport:
     from llmctl.cost.model_config import load_model_config
     from llmctl.cost.model_stats import model_stats
 
-    stats = model_stats(load_model_config(request.model))
-    profiles = _select_profiles(request)
-    first = profiles[0].workload
     loads = [request.concurrency, request.requests_per_second, request.tokens_per_day]
     if sum(v is not None for v in loads) > 1:
         raise UsageError("--concurrency, --requests-per-second and --tokens-per-day exclude each other",
                          hint="give one load measure")
-    workload = WorkloadSpec(
-        prompt_tokens=_pick(request.prompt_tokens, first.prompt_tokens),
-        output_tokens=_pick(request.output_tokens, first.output_tokens),
-        concurrency=first.concurrency if all(v is None for v in loads) else request.concurrency,
-        requests_per_second=request.requests_per_second, tokens_per_day=request.tokens_per_day,
-        context=_pick(request.context, first.context), kv_cache_dtype=request.kv_cache_dtype or first.kv_cache_dtype,
-    )
-    targets = Targets(
-        max_ttft_ms=_pick(request.max_ttft_ms, first.max_ttft_ms),
-        min_tokens_per_second=_pick(request.min_tokens_per_second, first.min_tokens_per_second),
-    )
+    stats = model_stats(load_model_config(request.model))
+    profiles, notes = _select_profiles(request)
 
     calibrations = []
     if request.calibrate is not None:
         profiles, record = _apply_calibration(stats, profiles, request)
         calibrations.append(record)
-    report = estimate_costs(stats, profiles, workload, quant=request.quant, targets=targets,
+    workloads = [workload_for(profile, request) for profile in profiles]
+    targets = [targets_for(profile, request) for profile in profiles]
+    report = estimate_costs(stats, profiles, workloads, quant=request.quant, targets=targets,
                             price_per_hour=request.price_per_hour)
+    report.notes = notes + report.notes
     report.calibrations = calibrations
     return report
+
+
+def workload_for(profile: Profile, request: CostRequest) -> WorkloadSpec:
+    """Return ``profile``'s default workload with the settings given in ``request`` applied.
+
+    A load measure in the request (concurrency, requests/s or tokens/day) replaces the
+    profile's concurrency.
+    """
+    defaults = profile.workload
+    loads = (request.concurrency, request.requests_per_second, request.tokens_per_day)
+    return WorkloadSpec(
+        prompt_tokens=_pick(request.prompt_tokens, defaults.prompt_tokens),
+        output_tokens=_pick(request.output_tokens, defaults.output_tokens),
+        concurrency=defaults.concurrency if all(v is None for v in loads) else request.concurrency,
+        requests_per_second=request.requests_per_second, tokens_per_day=request.tokens_per_day,
+        context=_pick(request.context, defaults.context),
+        kv_cache_dtype=request.kv_cache_dtype or defaults.kv_cache_dtype,
+    )
+
+
+def targets_for(profile: Profile, request: CostRequest) -> Targets:
+    """Return ``profile``'s latency targets with the ones given in ``request`` applied."""
+    return Targets(
+        max_ttft_ms=_pick(request.max_ttft_ms, profile.workload.max_ttft_ms),
+        min_tokens_per_second=_pick(request.min_tokens_per_second, profile.workload.min_tokens_per_second),
+    )
 
 
 def _pick(value, default):
     return default if value is None else value
 
 
-def _select_profiles(request: CostRequest) -> list:
+def _select_profiles(request: CostRequest) -> tuple[list[Profile], list[str]]:
+    """Load the chosen profiles once each, in order, with notes about names that added nothing."""
     from llmctl.profiles import builtin_profile_names, load_profile
 
+    notes = []
     names = list(request.profiles)
     if request.all_profiles:
-        names = builtin_profile_names() + [n for n in names if n not in builtin_profile_names()]
+        builtins = builtin_profile_names()
+        redundant = [n for n in names if n in builtins]
+        if redundant:
+            notes.append(f"--all-profiles already includes {', '.join(redundant)}; --profile adds only profiles that are not built in")
+        names = builtins + [n for n in names if n not in builtins]
     if not names:
-        return [load_profile(None)]
+        return [load_profile(None)], notes
     profiles = [load_profile(name) for name in names]
-    seen: dict[str, object] = {}
+    seen: dict[str, Profile] = {}
     for profile in profiles:
         seen.setdefault(profile.name, profile)
-    return list(seen.values())
+    return list(seen.values()), notes
 
 
 def _apply_calibration(stats, profiles: list, request: CostRequest) -> tuple[list, dict]:

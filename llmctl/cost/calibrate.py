@@ -54,9 +54,11 @@ def read_speed_measurement(path: Path) -> SpeedMeasurement:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path}: not valid JSON: {error}") from None
+        raise InputError(f"{path}: not valid JSON: {error}",
+                         hint="pass the results.json written by llmctl eval --output") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}",
+                         hint="pass the results.json written by llmctl eval --output")
 
     profile = data.get("profile")
     profile_name = profile.get("name") if isinstance(profile, dict) else profile

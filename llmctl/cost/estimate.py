@@ -12,6 +12,7 @@ bound is divided by an efficiency factor from the profile's ``cost_model`` (or m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,8 +20,19 @@ from llmctl.cost.model_stats import PRECISIONS, ModelStats
 from llmctl.errors import UsageError
 from llmctl.profiles.schema import Profile
 
+KV_CACHE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 HOURS_PER_MONTH = 730.0  # 8,760 hours a year / 12
 SECONDS_PER_DAY = 86_400.0
+
+
+def _check_positive(option: str, value: float | None, *, hint: str) -> None:
+    """Raise UsageError naming ``option`` unless ``value`` is None or a finite number above 0."""
+    if value is None:
+        return
+    if not value > 0:  # also catches nan
+        raise UsageError(f"{option} must be greater than 0, got {value:g}", hint=hint)
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number, got {value:g}", hint=hint)
 
 
 @dataclass(frozen=True)
@@ -52,8 +64,7 @@ class WorkloadSpec:
             "--tokens-per-day": self.tokens_per_day, "--context": self.context,
         }
         for option, value in checks.items():
-            if value is not None and not value > 0:
-                raise UsageError(f"{option} must be greater than 0, got {value:g}", hint="workloads need positive numbers")
+            _check_positive(option, value, hint="workloads need positive numbers")
         loads = [v for v in (self.concurrency, self.requests_per_second, self.tokens_per_day) if v is not None]
         if len(loads) != 1:
             raise UsageError("set exactly one of --concurrency, --requests-per-second and --tokens-per-day")
@@ -78,12 +89,27 @@ class WorkloadSpec:
         return None
 
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the workload as plain data, with the derived KV length and request rate."""
+        return {**asdict(self), "kv_length": self.kv_length, "requests_per_second": self.request_rate}
+
+
 @dataclass(frozen=True)
 class Targets:
-    """Latency targets a profile must meet to be recommended."""
+    """Latency targets a profile must meet to be recommended; None means "not checked"."""
 
     max_ttft_ms: float | None = None
     min_tokens_per_second: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = {"--max-ttft-ms": self.max_ttft_ms, "--min-tokens-per-second": self.min_tokens_per_second}
+        for option, value in checks.items():
+            _check_positive(option, value, hint="leave the option out to set no target")
+
+    @property
+    def any(self) -> bool:
+        """Whether at least one target is set."""
+        return self.max_ttft_ms is not None or self.min_tokens_per_second is not None
 
 
 @dataclass
@@ -116,6 +142,8 @@ class ProfileEstimate:
     usd_per_million_tokens: float | None = None
     meets_targets: bool = False
     problems: list[str] = field(default_factory=list)
+    workload: dict[str, Any] = field(default_factory=dict)
+    targets: dict[str, Any] = field(default_factory=dict)
     assumptions: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -212,6 +240,7 @@ def estimate_profile(
         fits=max_batch >= 1, memory_gb=hardware.memory_gb, weights_gb=weights.total / 1e9,
         kv_bytes_per_sequence=kv_sequence, memory_needed_gb=needed_one / 1e9,
         shortfall_gb=max(0.0, (needed_one - memory) / 1e9), max_batch=max_batch,
+        workload=workload.to_dict(), targets=asdict(targets),
     )
     result.assumptions = _assumptions(stats, profile, workload, choice, weights)
     if not result.fits:
@@ -390,7 +419,15 @@ def _assumptions(stats: ModelStats, profile: Profile, workload: WorkloadSpec, ch
 
 @dataclass
 class CostReport:
-    """Estimates across profiles, sorted by cost per million tokens, and the recommendation."""
+    """Estimates across profiles, sorted by cost per million tokens, and the recommendation.
+
+    Attributes:
+        workload: each workload setting that all rows share; a setting that differs
+            between profiles maps profile names to their values, and its key is listed in
+            ``varies_by_profile``.
+        notes: remarks about the result, for stdout.
+        warnings: doubts about the inputs (such as a context longer than the model's), for stderr.
+    """
 
     model: dict[str, Any]
     workload: dict[str, Any]
@@ -398,6 +435,7 @@ class CostReport:
     rows: list[ProfileEstimate]
     cheapest: str | None
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)
     calibrations: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -409,39 +447,105 @@ class CostReport:
 def estimate_costs(
     stats: ModelStats,
     profiles: list[Profile],
-    workload: WorkloadSpec,
+    workload: WorkloadSpec | Sequence[WorkloadSpec],
     *,
     quant: str | None = None,
-    targets: Targets | None = None,
+    targets: Targets | Sequence[Targets] | None = None,
     price_per_hour: float | None = None,
 ) -> CostReport:
     """Estimate ``stats`` on every profile and pick the cheapest one that fits and meets the targets.
 
     Rows are sorted by dollars per million tokens at the workload; rows without a price or
     that do not fit come last.
-    """
-    if price_per_hour is not None and price_per_hour < 0:
-        raise UsageError(f"--price-per-hour must be 0 or more, got {price_per_hour:g}")
-    targets = targets or Targets()
-    rows = [estimate_profile(stats, p, workload, quant=quant, targets=targets, price_per_hour=price_per_hour)
-            for p in profiles]
-    rows.sort(key=lambda r: (not r.fits, r.usd_per_million_tokens is None, r.usd_per_million_tokens or 0.0))
 
+    Args:
+        stats: the model's sizes.
+        profiles: the targets.
+        workload: one workload for every profile, or one per profile in the same order.
+        quant: weight precision; None uses each profile recipe's.
+        targets: latency targets, shared or one per profile; None checks none.
+        price_per_hour: hourly price used for profiles that have none.
+
+    Raises:
+        UsageError: a negative price, or per-profile lists whose length is not the number of profiles.
+    """
+    if price_per_hour is not None and not (price_per_hour >= 0 and math.isfinite(price_per_hour)):
+        raise UsageError(f"--price-per-hour must be a finite number of 0 or more, got {price_per_hour:g}",
+                         hint="pass the instance's on-demand USD price per hour")
+    workloads = _per_profile(workload, WorkloadSpec, len(profiles), "workloads")
+    target_list = _per_profile(targets or Targets(), Targets, len(profiles), "targets")
+    rows = [estimate_profile(stats, p, w, quant=quant, targets=t, price_per_hour=price_per_hour)
+            for p, w, t in zip(profiles, workloads, target_list)]
+    order = sorted(range(len(rows)), key=lambda i: (
+        not rows[i].fits, rows[i].usd_per_million_tokens is None, rows[i].usd_per_million_tokens or 0.0))
+    rows = [rows[i] for i in order]
+    eligible = [r for r in rows if r.meets_targets and r.usd_per_million_tokens is not None]
+    cheapest = eligible[0].profile if eligible else None
+    return CostReport(
+        model=model_summary(stats),
+        workload=_shared_settings([r.profile for r in rows], [r.workload for r in rows]),
+        targets=_shared_settings([r.profile for r in rows], [r.targets for r in rows]),
+        rows=rows, cheapest=cheapest,
+        notes=_result_notes(rows, cheapest, any(t.any for t in target_list)),
+        warnings=_context_warnings(stats, workloads),
+    )
+
+
+def _per_profile(value: Any, kind: type, count: int, what: str) -> list[Any]:
+    if isinstance(value, kind):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise UsageError(f"got {len(values)} {what} for {count} profiles")
+    return values
+
+
+def _shared_settings(names: list[str], settings: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-row settings: one value where all rows agree, ``{profile: value}`` where they differ."""
+    if not settings:
+        return {"varies_by_profile": []}
+    merged: dict[str, Any] = {}
+    varies = []
+    for key in settings[0]:
+        values = [row[key] for row in settings]
+        if all(v == values[0] for v in values):
+            merged[key] = values[0]
+        else:
+            merged[key] = dict(zip(names, values))
+            varies.append(key)
+    merged["varies_by_profile"] = varies
+    return merged
+
+
+def _result_notes(rows: list[ProfileEstimate], cheapest: str | None, targets_set: bool) -> list[str]:
     notes = []
     if rows and not any(r.fits for r in rows):
         closest = min(rows, key=lambda r: r.shortfall_gb)
         notes.append(
             f"the model fits no chosen profile; closest is {closest.profile}, short by {closest.shortfall_gb:.2f} GB"
         )
-    eligible = [r for r in rows if r.meets_targets and r.usd_per_million_tokens is not None]
-    cheapest = eligible[0].profile if eligible else None
-    if rows and cheapest is None and any(r.fits for r in rows):
+        return notes
+    priced = [r for r in rows if r.fits and r.usd_per_million_tokens is not None]
+    if rows and not priced:
+        notes.append("no chosen profile that fits has a price, so none is recommended: "
+                     "set hardware.price in the profile or pass --price-per-hour")
+    elif cheapest is None and targets_set:
         notes.append("no priced profile meets the targets")
-    return CostReport(
-        model=model_summary(stats),
-        workload={**asdict(workload), "kv_length": workload.kv_length, "requests_per_second": workload.request_rate},
-        targets=asdict(targets), rows=rows, cheapest=cheapest, notes=notes,
-    )
+    return notes
+
+
+def _context_warnings(stats: ModelStats, workloads: list[WorkloadSpec]) -> list[str]:
+    """Warn when a workload needs a longer context than the model was trained for."""
+    if stats.max_context is None:
+        return []
+    warnings = []
+    for length in sorted({w.kv_length for w in workloads}):
+        if length > stats.max_context:
+            warnings.append(
+                f"{length:,} tokens per stream exceed the model's context length of {stats.max_context:,} "
+                "(max_position_embeddings in its config); check --prompt-tokens, --output-tokens and --context"
+            )
+    return warnings
 
 
 def model_summary(stats: ModelStats) -> dict[str, Any]:
@@ -453,6 +557,8 @@ def model_summary(stats: ModelStats) -> dict[str, Any]:
         "layers": stats.num_layers, "attention_heads": stats.num_heads, "kv_heads": stats.num_kv_heads,
         "head_dim": stats.head_dim, "experts": stats.num_experts, "experts_per_token": stats.experts_per_token,
         "sliding_window_layers": sum(1 for w in stats.layer_windows if w),
+        "max_context": stats.max_context,
         "kv_bytes_per_token_fp16": stats.kv_bytes_per_token("fp16"),
+        "kv_bytes_per_token": {dtype: stats.kv_bytes_per_token(dtype) for dtype in KV_CACHE_DTYPES},
         "assumptions": stats.assumptions,
     }

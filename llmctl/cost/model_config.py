@@ -117,21 +117,63 @@ def _flatten_text_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_hub_config(repo_id: str) -> ModelConfig:
-    """Fetch only ``config.json`` of a hub model, from the cache when offline."""
-    from huggingface_hub import hf_hub_download
+    """Fetch only ``config.json`` of a hub model: from the cache first, then from the hub.
+
+    huggingface_hub retries a failed connection five times with backoff (about 23 s of
+    warnings in version 0.36), so one request without retries checks that the hub answers
+    before the download starts.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
-    try:
-        local = hf_hub_download(repo_id, "config.json", local_files_only=offline)
-    except LocalEntryNotFoundError as error:
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return _read_json_config(Path(cached), name=repo_id.split("/")[-1])
+    if _hub_offline():
         raise InputError(
-            f"{repo_id}: config.json is not in the Hugging Face cache and the hub cannot be reached",
-            hint="download the model folder elsewhere and pass its path, or pass its config.json",
-        ) from error
+            f"{repo_id}: config.json is not in the Hugging Face cache, and HF_HUB_OFFLINE forbids downloading it",
+            hint="unset HF_HUB_OFFLINE, or pass a local model folder or its config.json",
+        )
+    _check_hub_reachable(repo_id, constants.ENDPOINT)
+    try:
+        local = hf_hub_download(repo_id, "config.json")
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
         raise InputError(f"{repo_id}: no such model or no config.json on the hub", hint="check the id") from error
+    except LocalEntryNotFoundError as error:  # the connection broke after the check
+        raise InputError(f"{repo_id}: downloading config.json from {constants.ENDPOINT} failed",
+                         hint="try again, or pass a local model folder or its config.json") from error
     return _read_json_config(Path(local), name=repo_id.split("/")[-1])
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    from_environment = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    return from_environment or bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_hub_reachable(repo_id: str, endpoint: str) -> None:
+    """Send one HEAD request for the config, without retries.
+
+    Any HTTP answer counts as reachable: the download that follows reports missing
+    models and access errors itself.
+
+    Raises:
+        InputError: the connection fails or times out.
+    """
+    # NOTE: huggingface_hub 0.x sessions are requests sessions; 1.x moved to httpx.
+    import requests
+    from huggingface_hub import constants, get_session, hf_hub_url
+
+    url = hf_hub_url(repo_id, "config.json", endpoint=endpoint)
+    try:
+        get_session().head(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, allow_redirects=False)
+    except requests.RequestException as error:
+        raise InputError(
+            f"{repo_id}: config.json is not in the Hugging Face cache and {endpoint} cannot be reached "
+            f"({type(error).__name__})",
+            hint="pass a local model folder or its config.json, or set HF_HUB_OFFLINE=1 to look only in the cache",
+        ) from None
 
 
 def _read_gguf_config(path: Path) -> ModelConfig:

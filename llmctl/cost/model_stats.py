@@ -100,6 +100,8 @@ class ModelStats:
         linears: every matrix weight, grouped.
         other_params: norms and biases, which stay in float at every precision.
         assumptions: how the counts were derived (for ``--json``).
+        max_context: the longest sequence the model was trained for
+            (``max_position_embeddings``), or None when the config does not say.
     """
 
     name: str
@@ -119,6 +121,7 @@ class ModelStats:
     linears: tuple[Linear, ...]
     other_params: int
     assumptions: dict[str, Any]
+    max_context: int | None = None
 
     # --- parameter counts -------------------------------------------------------------
     def params_by_role(self) -> dict[str, int]:
@@ -341,7 +344,8 @@ def model_stats(config: ModelConfig) -> ModelStats:
             value = values.get(name)
             if value is not None:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                    raise InputError(f"{config.source}: {name} must be a positive integer, got {value!r}")
+                    raise InputError(f"{config.source}: {name} must be a positive integer, got {value!r}",
+                                     hint="fix the value in the config, or pass the model's original config.json")
                 return value
         raise InputError(
             f"{config.source}: missing field {key!r}, which the estimate needs",
@@ -385,7 +389,15 @@ def model_stats(config: ModelConfig) -> ModelStats:
         num_experts=num_experts if num_experts > 1 else 0,
         experts_per_token=experts_per_token if num_experts > 1 else 0,
         layer_windows=windows, linears=tuple(linears), other_params=other, assumptions=assumptions,
+        max_context=_max_context(values),
     )
+
+
+def _max_context(values: dict[str, Any]) -> int | None:
+    value = values.get("max_position_embeddings", values.get("n_positions"))
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
 
 
 def _attention_linears(hidden: int, heads: int, kv_heads: int, head_dim: int, layers: int) -> list[Linear]:
