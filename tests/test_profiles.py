@@ -143,3 +143,107 @@ def test_detect_rejects_bad_name(tmp_path):
     result = runner.invoke(app, ["profiles", "detect", "-o", str(tmp_path / "x.yaml"), "--name", "Bad Name"])
     assert result.exit_code == 2
     assert not (tmp_path / "x.yaml").exists()
+
+
+# --- messages for broken files ----------------------------------------------------------------
+
+
+def validate(*paths: Path):
+    return runner.invoke(app, ["profiles", "validate", *(str(p) for p in paths)])
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = write_profile(tmp_path / "typo.yaml", lambda d: d["recipe"].update({"quantisation": {"method": "int8"}}))
+    result = validate(path)
+    assert result.exit_code == 2
+    assert f"{path}: recipe.quantisation: unknown key; did you mean 'quantization'?" in result.stderr
+
+
+def test_unknown_key_in_list_item_suggests(tmp_path):
+    def change(data: dict) -> None:
+        data["recipe"]["variants"] = [{"name": "v", "quantisation": {"method": "int8"}}]
+
+    with pytest.raises(ProfileError, match=r"recipe\.variants\.0\.quantisation: unknown key; did you mean 'quantization'\?"):
+        load_profile_file(write_profile(tmp_path / "variant.yaml", change))
+
+
+def test_unknown_key_without_match_lists_allowed(tmp_path):
+    path = write_profile(tmp_path / "odd.yaml", lambda d: d["serve"].update({"zzz": 1}))
+    with pytest.raises(ProfileError, match="serve.zzz: unknown key; allowed keys: host, port"):
+        load_profile_file(path)
+
+
+def test_empty_file_named(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("", encoding="utf-8")
+    result = validate(path)
+    assert result.exit_code == 2
+    assert f"{path}: empty file, expected a mapping of keys" in result.stderr
+    assert "NoneType" not in result.stderr
+
+
+@pytest.mark.parametrize(("text", "position", "problem"), [
+    ("name: x\nhardware: [\n", "3:1", "found the end of the file"),
+    ("name: x\n\tdescription: y\n", "2:1", "found character '\\t' that cannot start any token"),
+], ids=["unclosed-list", "tab"])
+def test_yaml_error_one_line_with_position(tmp_path, text, position, problem):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ProfileError) as error:
+        load_profile_file(path)
+    message = error.value.message
+    assert message.startswith(f"{path}:{position}: not valid YAML: ")
+    assert problem in message
+    assert "<unicode string>" not in message
+    assert "\n" not in message
+    assert "  " not in message
+
+
+def test_folder_is_not_file_not_found(tmp_path):
+    result = validate(tmp_path)
+    assert result.exit_code == 2
+    assert f"{tmp_path}: is a folder, expected a YAML file" in result.stderr
+
+
+def test_duplicate_key_rejected(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: a\ndescription: x\nname: b\n", encoding="utf-8")
+    with pytest.raises(ProfileError, match=r"dup.yaml:3:1: not valid YAML: duplicate key 'name' \(first given on line 1\)"):
+        load_profile_file(path)
+
+
+def test_duplicate_nested_key_rejected(tmp_path):
+    text = (builtin_profile_dir() / "cpu-x86-avx2.yaml").read_text(encoding="utf-8")
+    path = tmp_path / "dup.yaml"
+    path.write_text(text.replace("  memory_gb: 32\n", "  memory_gb: 32\n  memory_gb: 64\n"), encoding="utf-8")
+    with pytest.raises(ProfileError, match="duplicate key 'memory_gb'"):
+        load_profile_file(path)
+
+
+def test_merge_key_override_allowed(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &base {a: 1, b: 2}\nother:\n  <<: *base\n  a: 3\n", encoding="utf-8")
+    from llmctl.profiles.loader import _UniqueKeyLoader
+
+    assert yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)["other"] == {"a": 3, "b": 2}
+
+
+def test_non_utf8_names_byte(tmp_path):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ProfileError, match="not valid UTF-8 at byte 9"):
+        load_profile_file(path)
+
+
+def test_validate_errors_carry_hint(tmp_path):
+    path = write_profile(tmp_path / "bad.yaml", lambda d: d["cost_model"].update({"decode_efficiency": 1.5}))
+    result = validate(path, tmp_path / "missing.yaml")
+    assert result.exit_code == 2
+    assert "hint: llmctl profiles show cpu-x86-avx2" in result.stderr
+
+
+def test_list_table_whole_when_piped():
+    result = runner.invoke(app, ["profiles", "list"])
+    assert result.exit_code == 0
+    assert "…" not in result.stdout
+    assert "cpu-x86-avx2 (default)" in result.stdout

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from llmctl.cli.options import JsonOpt
-from llmctl.cli.output import emit_json, stdout
+from llmctl.cli.output import emit_json, print_table, stdout
 
 app = typer.Typer(help="List, show, validate and detect hardware profiles.", no_args_is_help=True)
 
@@ -36,11 +36,14 @@ def list_profiles(as_json: JsonOpt = False) -> None:
             name, hw.kind, hw.name, f"{hw.memory_gb:g} GB", f"{hw.memory_bandwidth_gbps:g} GB/s", price,
             f"{profile.recipe.exporter} {profile.recipe.dtype} -> {quant.method} b{quant.block_size}",
         )
-    stdout.print(table)
+    print_table(table)
 
 
 @app.command("show")
-def show(name: Annotated[str, typer.Argument(help="Built-in profile name or YAML file.")], as_json: JsonOpt = False) -> None:
+def show(
+    name: Annotated[str, typer.Argument(metavar="PROFILE", help="Built-in profile name or YAML file.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
     """Print a profile with every default filled in."""
     import yaml
 
@@ -55,7 +58,9 @@ def show(name: Annotated[str, typer.Argument(help="Built-in profile name or YAML
 
 
 @app.command("validate")
-def validate(files: Annotated[list[Path], typer.Argument(help="Profile YAML files to check.")]) -> None:
+def validate(
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="Profile YAML files to check.", show_default=False)],
+) -> None:
     """Check profile files against the schema; exit 2 with `file: field: message` lines on errors."""
     from llmctl.errors import ProfileError
     from llmctl.profiles import load_profile_file
@@ -68,20 +73,22 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Profile YAML file
             problems.append(error)
             continue
         stdout.print(f"{path}: ok ({profile.name})", highlight=False)
+    compare_hint = "llmctl profiles show cpu-x86-avx2 prints a valid profile to compare with"
     if len(problems) == 1:
+        problems[0].hint = problems[0].hint or compare_hint
         raise problems[0]
     if problems:
-        raise ProfileError("\n".join(p.message for p in problems))
+        raise ProfileError("\n".join(p.message for p in problems), hint=compare_hint)
 
 
 @app.command("detect")
 def detect(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the profile to this YAML file instead of stdout.",
+        Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write the profile to this YAML file instead of stdout.",
                                   show_default=False)
     ] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Profile name; default detected-<host>.", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    name: Annotated[str | None, typer.Option("--name", metavar="NAME", help="Profile name; default detected-HOST.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", metavar="", help="Replace an existing output file.")] = False,
 ) -> None:
     """Measure this machine (cores, memory, ISA flags, memory bandwidth, fp32 peak) and write a profile."""
     import yaml
