@@ -7,20 +7,44 @@ _llmctl_completion() {
     for ((i = 1; i < COMP_CWORD; i++)); do
         word="${COMP_WORDS[i]}"
         case "$path $word" in
-            "llmctl completions"|"llmctl profiles"|"llmctl profiles list"|"llmctl profiles show"|"llmctl profiles validate") path="$path $word" ;;
+            "llmctl completions"|"llmctl convert"|"llmctl cost-estimate"|"llmctl eval"|"llmctl generate"|"llmctl info"|"llmctl pipeline"|"llmctl pipeline run"|"llmctl profiles"|"llmctl profiles detect"|"llmctl profiles list"|"llmctl profiles show"|"llmctl profiles validate"|"llmctl quantize"|"llmctl serve") path="$path $word" ;;
         esac
     done
     local subcommands="" options=""
     case "$path" in
         "llmctl")
-            subcommands="completions profiles"
+            subcommands="completions convert cost-estimate eval generate info pipeline profiles quantize serve"
             options="--verbose -v --version --help" ;;
         "llmctl completions")
             subcommands=""
             options="--help" ;;
-        "llmctl profiles")
-            subcommands="list show validate"
+        "llmctl convert")
+            subcommands=""
+            options="--output -o --profile -p --exporter -e --dtype --force --keep-failed --no-validate --gguf-fallback --json --help" ;;
+        "llmctl cost-estimate")
+            subcommands=""
+            options="--profile -p --all-profiles --quant --prompt-tokens --output-tokens --concurrency --requests-per-second --tokens-per-day --context --kv-cache-dtype --calibrate --max-ttft-ms --min-tokens-per-second --price-per-hour --json --help" ;;
+        "llmctl eval")
+            subcommands=""
+            options="--url --api-key --model --profile -p --suite -s --reference --baseline --limit --seed --gate --backend --batch-size --threads --output -o --junit --markdown --timeout --json --help" ;;
+        "llmctl generate")
+            subcommands=""
+            options="--chat --max-tokens -n --temperature -t --top-p --top-k --seed --stop --backend -b --profile -p --threads --json --help" ;;
+        "llmctl info")
+            subcommands=""
+            options="--verify --json --help" ;;
+        "llmctl pipeline")
+            subcommands="run"
             options="--help" ;;
+        "llmctl pipeline run")
+            subcommands=""
+            options="--output -o --profile -p --variants --select --dry-run --json --help" ;;
+        "llmctl profiles")
+            subcommands="detect list show validate"
+            options="--help" ;;
+        "llmctl profiles detect")
+            subcommands=""
+            options="--output -o --name --force --help" ;;
         "llmctl profiles list")
             subcommands=""
             options="--json --help" ;;
@@ -30,6 +54,12 @@ _llmctl_completion() {
         "llmctl profiles validate")
             subcommands=""
             options="--help" ;;
+        "llmctl quantize")
+            subcommands=""
+            options="--output -o --method -m --profile -p --block-size --accuracy-level --symmetric --asymmetric --mode --algorithm --per-channel --per-tensor --force --keep-failed --no-validate --json --help" ;;
+        "llmctl serve")
+            subcommands=""
+            options="--profile -p --host --port --backend -b --served-model-name --api-key --max-concurrency --max-queue --threads --default-max-tokens --help" ;;
     esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$options" -- "$cur"))

@@ -82,7 +82,9 @@ def test_keyboard_interrupt_exits_130() -> None:
 def test_debug_variable_keeps_traceback(monkeypatch) -> None:
     monkeypatch.setenv("LLMCTL_DEBUG", "1")
     result = runner.invoke(_app_raising(ConversionError("export failed")), ["boom"])
-    assert isinstance(result.exception, ConversionError)
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr
+    assert "ConversionError: export failed" in result.stderr
 
 
 def test_unknown_exception_keeps_traceback() -> None:
@@ -95,3 +97,91 @@ def test_unknown_profile_names_builtins() -> None:
     assert result.exit_code == 2
     assert "unknown profile 'no-such-profile'" in result.output
     assert "cpu-x86-avx2" in result.output
+
+
+# --- help texts -------------------------------------------------------------------------------
+
+
+def help_row(text: str, option: str) -> str:
+    """Return the help line that starts the row of ``option``."""
+    return next(line for line in text.splitlines() if f" {option} " in line)
+
+
+def test_help_flags_show_no_bool_metavar() -> None:
+    result = runner.invoke(app, ["cost-estimate", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--json", "--all-profiles"):
+        assert "<bool>" not in help_row(result.output, flag)
+
+
+def test_help_options_show_placeholders_not_types() -> None:
+    result = runner.invoke(app, ["cost-estimate", "--help"])
+    options = result.output.split("Options")[1]  # Typer 0.29 always shows an argument's type
+    for type_name in ("<float>", "<str>", "<int>", "<list[str]>", "<path>"):
+        assert type_name not in options
+    assert "$LLMCTL_PROFILE" in result.output
+    assert "{model}" not in result.output
+
+
+def test_help_verbose_reads_as_repeatable_flag() -> None:
+    result = runner.invoke(app, ["--help"])
+    row = help_row(result.output, "--verbose")
+    assert "<int>" not in row
+    assert "-vv" in result.output
+    assert "before the command" in result.output
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def wide_table():
+    from rich.table import Table
+
+    table = Table("profile", "hardware", "price per hour", "status")
+    for name in ("gpu-nvidia-a100-80gb", "gpu-nvidia-h100-80gb", "cpu-arm64-graviton3-c7g"):
+        table.add_row(name, "a long hardware description that can wrap", "1.640", "see note 1")
+    return table
+
+
+def test_print_table_narrow_terminal_cuts_nothing() -> None:
+    import io
+
+    from rich.console import Console
+
+    from llmctl.cli.output import print_table
+
+    console = Console(file=io.StringIO(), width=40, force_terminal=True, color_system=None)
+    print_table(wide_table(), console)
+    text = console.file.getvalue()
+    assert "…" not in text
+    assert "gpu-nvidia-a100-80gb" in text
+    assert "cpu-arm64-graviton3-c7g" in text
+    assert "description" in text
+
+
+def test_print_table_terminal_fits_width_when_it_can() -> None:
+    import io
+
+    from rich.console import Console
+
+    from llmctl.cli.output import print_table
+
+    console = Console(file=io.StringIO(), width=70, force_terminal=True, color_system=None)
+    print_table(wide_table(), console)
+    lines = console.file.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 70
+    assert "…" not in "\n".join(lines)
+
+
+def test_print_table_pipe_keeps_natural_width() -> None:
+    import io
+
+    from rich.console import Console
+
+    from llmctl.cli.output import print_table
+
+    console = Console(file=io.StringIO(), width=40)
+    print_table(wide_table(), console)
+    lines = console.file.getvalue().splitlines()
+    assert "a long hardware description that can wrap" in lines[3]
+    assert len(lines) == 7  # top rule, header, rule, three rows, bottom rule

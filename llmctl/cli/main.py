@@ -46,9 +46,15 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-v info, -vv debug).")] = 0,
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose", "-v", count=True, metavar="", show_default=False,
+            help="More log output on stderr; repeat it: -v info, -vv debug. Give it before the command: llmctl -v convert ...",
+        ),
+    ] = 0,
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", metavar="", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
     """Take a language model from a checkpoint to a served, evaluated, priced deployment."""
@@ -59,7 +65,7 @@ def main(
 
 @app.command("completions")
 def completions(
-    shell: Annotated[str, typer.Argument(help="bash, zsh or fish.")],
+    shell: Annotated[str, typer.Argument(metavar="SHELL", help="bash, zsh or fish.", show_default=False)],
 ) -> None:
     """Print a static completion script for SHELL (the files in completions/ are made this way)."""
     from llmctl.cli.completions import SHELLS, completion_script
