@@ -340,3 +340,10 @@ def test_hub_id_read_from_cache(monkeypatch, tmp_path):
     config = load_model_config("someone/smol")
     assert config.values["hidden_size"] == 576
     assert config.name == "smol"
+
+
+def test_cli_cheapest_line_mentions_targets_only_when_set(smollm2):
+    plain = invoke(str(smollm2), "-p", "gpu-nvidia-t4")
+    assert "cheapest profile that fits: gpu-nvidia-t4" in plain.stdout
+    targeted = invoke(str(smollm2), "-p", "gpu-nvidia-t4", "--max-ttft-ms", "500")
+    assert "cheapest profile meeting the targets: gpu-nvidia-t4" in targeted.stdout

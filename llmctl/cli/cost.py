@@ -114,7 +114,9 @@ def _render(report: Any) -> None:
     for record in report.calibrations:
         _render_calibration(record)
     if report.cheapest:
-        stdout.print(f"cheapest profile meeting the targets: [bold]{report.cheapest}[/]", highlight=False)
+        targets_set = any(value is not None for row in report.rows for value in row.targets.values())
+        label = "cheapest profile meeting the targets" if targets_set else "cheapest profile that fits"
+        stdout.print(f"{label}: [bold]{report.cheapest}[/]", highlight=False)
     for note in report.notes:
         stdout.print(f"note: {note}", highlight=False)
     for warning in report.warnings:
