@@ -61,6 +61,28 @@ _llmctl_completion() {
             subcommands=""
             options="--profile -p --host --port --backend -b --served-model-name --api-key --max-concurrency --max-queue --threads --default-max-tokens --help" ;;
     esac
+    case "$path|$prev" in
+        "llmctl convert|--exporter")
+            COMPREPLY=($(compgen -W "auto optimum genai" -- "$cur")); return ;;
+        "llmctl convert|-e")
+            COMPREPLY=($(compgen -W "auto optimum genai" -- "$cur")); return ;;
+        "llmctl convert|--dtype")
+            COMPREPLY=($(compgen -W "fp32 fp16" -- "$cur")); return ;;
+        "llmctl generate|--backend")
+            COMPREPLY=($(compgen -W "auto genai ort torch" -- "$cur")); return ;;
+        "llmctl generate|-b")
+            COMPREPLY=($(compgen -W "auto genai ort torch" -- "$cur")); return ;;
+        "llmctl pipeline run|--select")
+            COMPREPLY=($(compgen -W "cheapest smallest fastest best-quality" -- "$cur")); return ;;
+        "llmctl quantize|--method")
+            COMPREPLY=($(compgen -W "int8 int4" -- "$cur")); return ;;
+        "llmctl quantize|-m")
+            COMPREPLY=($(compgen -W "int8 int4" -- "$cur")); return ;;
+        "llmctl quantize|--mode")
+            COMPREPLY=($(compgen -W "weight-only dynamic" -- "$cur")); return ;;
+        "llmctl quantize|--algorithm")
+            COMPREPLY=($(compgen -W "rtn hqq k_quant" -- "$cur")); return ;;
+    esac
     if [[ "$cur" == -* ]]; then
         COMPREPLY=($(compgen -W "$options" -- "$cur"))
     elif [[ -n "$subcommands" ]]; then

@@ -33,9 +33,12 @@ def _option_choices(param: Any) -> list[str] | None:
     # Click-style parameter types keep them on ``param.type``.
     holder = getattr(param, "type_descriptor", None) or getattr(param, "type", None)
     choices = getattr(holder, "choices", None)
-    if not choices:
-        return None
-    return [str(getattr(choice, "value", choice)) for choice in choices]
+    if choices:
+        return [str(getattr(choice, "value", choice)) for choice in choices]
+    # Plain string options validated by the library (so that a bad value gets llmctl's own
+    # error) declare their values through Typer's `autocompletion=` instead.
+    values = [str(item.value) for item in param.shell_complete(None, "") if getattr(item, "type", "plain") == "plain"]
+    return values or None
 
 
 def collect_commands(root: Any, prog_name: str = "llmctl") -> list[CommandSpec]:

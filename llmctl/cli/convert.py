@@ -49,10 +49,10 @@ def convert_command(
     output: OutputDirOpt,
     profile: ProfileOpt = None,
     exporter: Annotated[
-        str | None, typer.Option("--exporter", "-e", help="auto, optimum or genai; default: the profile's recipe.", show_default=False)
+        str | None, typer.Option("--exporter", "-e", autocompletion=lambda: ["auto", "optimum", "genai"], help="auto, optimum or genai; default: the profile's recipe.", show_default=False)
     ] = None,
     dtype: Annotated[
-        str | None, typer.Option("--dtype", help="fp32 or fp16; default: the profile's recipe.", show_default=False)
+        str | None, typer.Option("--dtype", autocompletion=lambda: ["fp32", "fp16"], help="fp32 or fp16; default: the profile's recipe.", show_default=False)
     ] = None,
     force: ForceOpt = False,
     keep_failed: KeepFailedOpt = False,

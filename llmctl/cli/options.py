@@ -34,6 +34,7 @@ BackendOpt = Annotated[
         "--backend",
         "-b",
         metavar="NAME",
+        autocompletion=lambda: ["auto", "genai", "ort", "torch"],
         help="Runtime backend: auto (from the model folder), genai, ort or torch.",
     ),
 ]

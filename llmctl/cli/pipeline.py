@@ -122,7 +122,7 @@ def run(
     variants: Annotated[
         str | None, typer.Option("--variants", help="Comma-separated variant names to build; default: all of the profile's.")
     ] = None,
-    select: Annotated[str | None, typer.Option("--select", help=SELECT_HELP, show_default=False)] = None,
+    select: Annotated[str | None, typer.Option("--select", autocompletion=lambda: ["cheapest", "smallest", "fastest", "best-quality"], help=SELECT_HELP, show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and the pre-flight estimates, then stop.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -14,15 +14,15 @@ from llmctl.cli.options import ForceOpt, JsonOpt, OutputDirOpt, ProfileOpt
 def quantize_command(
     model_dir: Annotated[Path, typer.Argument(help="Artifact folder written by llmctl convert.", show_default=False)],
     output: OutputDirOpt,
-    method: Annotated[str | None, typer.Option("--method", "-m", help="int8 or int4; default: the profile's recipe.", show_default=False)] = None,
+    method: Annotated[str | None, typer.Option("--method", "-m", autocompletion=lambda: ["int8", "int4"], help="int8 or int4; default: the profile's recipe.", show_default=False)] = None,
     profile: ProfileOpt = None,
     block_size: Annotated[int | None, typer.Option("--block-size", help="Weights per quantization block: 16, 32, 64, 128 or 256.", show_default=False)] = None,
     accuracy_level: Annotated[
         int | None, typer.Option("--accuracy-level", help="Weight-only only: MatMulNBits compute type: 0 default, 1 fp32, 2 fp16, 3 bf16, 4 int8.", show_default=False)
     ] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="Symmetric blocks (no zero points) or asymmetric.", show_default=False)] = None,
-    mode: Annotated[str | None, typer.Option("--mode", help="int8 only: weight-only (MatMulNBits) or dynamic (ONNX Runtime dynamic quantization).", show_default=False)] = None,
-    algorithm: Annotated[str | None, typer.Option("--algorithm", help="Weight-only quantization algorithm: rtn, hqq or k_quant.", show_default=False)] = None,
+    mode: Annotated[str | None, typer.Option("--mode", autocompletion=lambda: ["weight-only", "dynamic"], help="int8 only: weight-only (MatMulNBits) or dynamic (ONNX Runtime dynamic quantization).", show_default=False)] = None,
+    algorithm: Annotated[str | None, typer.Option("--algorithm", autocompletion=lambda: ["rtn", "hqq", "k_quant"], help="Weight-only quantization algorithm: rtn, hqq or k_quant.", show_default=False)] = None,
     per_channel: Annotated[bool | None, typer.Option("--per-channel/--per-tensor", help="int8 dynamic only: per-channel weight scales.", show_default=False)] = None,
     force: ForceOpt = False,
     keep_failed: KeepFailedOpt = False,
