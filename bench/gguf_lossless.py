@@ -45,7 +45,7 @@ PERPLEXITY_TOLERANCE = 0.005  # transcoded within 0.5% of the dequantized fp32 m
 
 
 def build_artifacts(gguf_path: Path, workdir: Path) -> dict[str, Path]:
-    """Convert the GGUF three ways and return the artifact folders by name."""
+    """Build the four artifacts from the GGUF file and return their folders by name."""
     from llmctl.convert import convert
     from llmctl.gguf.transcode import transcode
     from llmctl.profiles.loader import load_profile
@@ -105,12 +105,16 @@ def decode_tokens_per_s(folders: dict[str, Path], new_tokens: int, repeats: int)
     during the benchmark affects them alike.
     """
     import onnxruntime_genai as og
+    from transformers import AutoTokenizer
 
+    # NOTE: og.Tokenizer (onnxruntime-genai 0.12.2) cannot parse the tokenizer files of the
+    # Gemma-3 artifacts ("type must be object, but is array"), so transformers encodes.
+    prompt = AutoTokenizer.from_pretrained(next(iter(folders.values())))(DECODE_PROMPT)["input_ids"]
+    prompt = np.array(prompt, dtype=np.int32)
     models = {label: og.Model(str(folder)) for label, folder in folders.items()}
     speeds: dict[str, list[float]] = {label: [] for label in folders}
     for _ in range(repeats):
         for label, model in models.items():
-            prompt = og.Tokenizer(model).encode(DECODE_PROMPT)
             params = og.GeneratorParams(model)
             params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens, do_sample=False)
             generator = og.Generator(model, params)
@@ -193,8 +197,8 @@ def main() -> int:
             print(f"{gguf_path} not found: run scripts/fetch-models.sh{' --gemma' if name == 'gemma3' else ''}", file=sys.stderr)
             return 2
         results[name] = run_model(name, gguf_path, args)
+        print_table({name: results[name]})
 
-    print_table(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0 if all(all(result["checks"].values()) for result in results.values()) else 1

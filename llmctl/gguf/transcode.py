@@ -124,11 +124,12 @@ def transcode(
         head_accuracy_level: the same for the output head, the largest matrix product. Level
             4 keeps the head's weights exact but quantizes its input to int8 blocks.
 
-    Measured on SmolLM2-135M Q4_1 (WikiText-2, 1024 tokens, onnxruntime 1.32, 2 CPU cores):
-    level 0 everywhere gave the dequantized model's perplexity to 4 decimals at about 35
-    tokens/s; level 4 on the head alone cost 0.16% perplexity at about 55 tokens/s; level 4
-    everywhere cost 1.06% at about 65 tokens/s. The default stays exact, because the
-    convert step's parity check compares logits with the dequantized PyTorch model.
+    Measured on SmolLM2-135M Q4_1 with ``bench/gguf_lossless.py`` (WikiText-2, 1024 tokens,
+    onnxruntime 1.32, 2 shared CPU cores): level 0 everywhere gave the dequantized model's
+    perplexity to 4 decimals at 42 tokens/s; level 4 on the head alone cost 0.16% perplexity
+    at 59 tokens/s; level 4 everywhere cost 1.06% at about 65 tokens/s (a separate run). The
+    default stays exact, because the convert step's parity check compares logits with the
+    dequantized PyTorch model.
 
     Returns:
         The per-tensor record of what each GGUF tensor became.
