@@ -14,6 +14,7 @@ from llmctl.errors import InputError, UnsupportedError, UsageError
 from llmctl.runtime import open_backend, select_backend_name
 from llmctl.runtime.base import SamplingParams
 from llmctl.runtime.streaming import stream_text
+from tests.test_serve_support import slow_steps
 
 pytestmark = pytest.mark.slow
 
@@ -282,28 +283,13 @@ def test_request_runs_beside_engine_batch(genai_backend) -> None:
     engine = genai_backend._engine
     prompt = genai_backend.encode(PROMPT)
     expected = _tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)
-    long = genai_backend.generate(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
-    short: list[int] = []
-    long_thread = threading.Thread(target=next, args=(long,))
-    short_thread = threading.Thread(target=lambda: short.extend(_tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)))
 
-    # Both generations line up for the step lock before either runs, so the tiny model
-    # cannot finish the long one before the short one starts.
-    with genai_backend._lock:
-        long_thread.start()
-        for _ in range(100):
-            if engine.active_requests == 1:
-                break
-            threading.Event().wait(0.02)
-        short_thread.start()
-        for _ in range(100):
-            if len(genai_backend._lock._waiters) == 2:
-                break
-            threading.Event().wait(0.02)
-    short_thread.join(timeout=60)
-    long_still_running = engine.active_requests == 1
-    long_thread.join(timeout=60)
-    long.close()
+    with slow_steps(genai_backend):
+        long = genai_backend.generate(prompt, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        next(long)
+        short = _tokens(genai_backend, prompt, max_tokens=4, temperature=0, ignore_eos=True)
+        long_still_running = engine.active_requests == 1
+        long.close()
 
     assert short == expected
     assert long_still_running

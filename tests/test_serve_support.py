@@ -176,3 +176,26 @@ class WrappedBackend(Backend):
             if position == len(ids) - 1:
                 finish = "length" if len(ids) == params.max_tokens else "stop"
             yield GenerationStep(token_id=token_id, finish_reason=finish)
+
+
+@contextlib.contextmanager
+def slow_steps(backend, pause_s: float = 0.005) -> Iterator[None]:
+    """Make every model step wait ``pause_s``, as a model larger than the tiny one would.
+
+    A thread takes the backend's step lock in turn with the engine and holds it for
+    ``pause_s``, so a client has time to disconnect before the tiny model finishes.
+    """
+    stop = threading.Event()
+
+    def throttle() -> None:
+        while not stop.is_set():
+            with backend._lock:
+                time.sleep(pause_s)
+
+    thread = threading.Thread(target=throttle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
