@@ -13,6 +13,8 @@ ENV_LOG_LEVEL = "LLMCTL_LOG_LEVEL"
 THIRD_PARTY_MODULES = r"(transformers|optimum|torch|onnxruntime|onnxruntime_genai|onnx|onnxscript)(\.|$)"
 # Marks the root handler this module installs, so that repeated calls add it once.
 _ROOT_HANDLER_FLAG = "_llmctl_root_handler"
+# Marks the handler this module installs on the ``llmctl`` logger.
+_LLMCTL_HANDLER_FLAG = "_llmctl_handler"
 # Whether TRANSFORMERS_VERBOSITY was set here (and may be changed again) rather than by the user.
 _transformers_verbosity_set = False
 
@@ -35,17 +37,31 @@ def configure_logging(verbosity: int = 0) -> None:
     else:
         level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
 
-    from rich.logging import RichHandler
-
     root = logging.getLogger("llmctl")
     root.setLevel(level)
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        from rich.console import Console
-
-        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+    if not any(getattr(h, _LLMCTL_HANDLER_FLAG, False) for h in root.handlers):
+        handler = stderr_handler("%(message)s")
+        setattr(handler, _LLMCTL_HANDLER_FLAG, True)
         root.addHandler(handler)
     quiet_third_party(show=level <= logging.DEBUG)
+
+
+def stderr_handler(message_format: str) -> logging.Handler:
+    """Return a handler for stderr: rich columns on a terminal, one plain line per record elsewhere.
+
+    Rich lays records out for an 80-column console when stderr is a file or a pipe, which
+    splits long messages and traceback paths over several lines that grep cannot find.
+    """
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter(message_format))
+        return handler
+    handler = _CurrentStderrHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {message_format}"))
+    return handler
 
 
 def quiet_third_party(*, show: bool) -> None:
@@ -55,13 +71,9 @@ def quiet_third_party(*, show: bool) -> None:
     time from installing their own INFO handler: onnxruntime's ``matmul_nbits_quantizer``
     does that, and then logs one line per skipped node (about 490 for SmolLM2).
     """
-    from rich.console import Console
-    from rich.logging import RichHandler
-
     process_root = logging.getLogger()
     if not any(getattr(h, _ROOT_HANDLER_FLAG, False) for h in process_root.handlers):
-        handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False)
-        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler = stderr_handler("%(name)s: %(message)s")
         # llmctl records reach this handler through propagation, but its own handler shows them.
         handler.addFilter(lambda record: not record.name.startswith("llmctl"))
         setattr(handler, _ROOT_HANDLER_FLAG, True)
@@ -84,3 +96,19 @@ def quiet_third_party(*, show: bool) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
     if not show:
         warnings.filterwarnings("ignore", module=THIRD_PARTY_MODULES)
+
+
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of each record.
+
+    Test runners and Typer's ``CliRunner`` swap ``sys.stderr`` per command, and a handler
+    that kept the stream it was created with would write to a closed file afterwards.
+    """
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass  # StreamHandler.__init__ assigns it; the current sys.stderr is used instead

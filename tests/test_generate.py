@@ -115,3 +115,50 @@ def test_generate_smollm2_answers_paris(runner: CliRunner, smollm2_genai_fp32: P
     data = json.loads(result.stdout)
     assert data["backend"] == "genai"
     assert "Paris" in data["text"]
+
+
+def test_generate_seed_past_32_bits(runner: CliRunner, tiny_llama_genai: Path) -> None:
+    args = ["generate", str(tiny_llama_genai), "hi", "-n", "4", "--temperature", "1", "--json"]
+    first = runner.invoke(app, [*args, "--seed", str(2**32 + 5)])
+    second = runner.invoke(app, [*args, "--seed", str(2**32 + 5)])
+
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["text"] == json.loads(second.stdout)["text"]
+
+
+@pytest.mark.parametrize("seed", [str(2**63), "-1"])
+def test_generate_seed_out_of_range(runner: CliRunner, tiny_llama_genai: Path, seed: str) -> None:
+    result = runner.invoke(app, ["generate", str(tiny_llama_genai), "hi", "--seed", seed])
+
+    assert result.exit_code == 2
+    assert "--seed" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_generate_threads_above_cpu_count(runner: CliRunner, tiny_llama_genai: Path) -> None:
+    result = runner.invoke(app, ["generate", str(tiny_llama_genai), "hi", "--threads", "100000"])
+
+    assert result.exit_code == 2
+    assert "--threads 100000" in result.stderr
+    assert "CPU cores" in result.stderr
+
+
+def test_generate_gguf_file_hints_convert(runner: CliRunner, tmp_path: Path) -> None:
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = runner.invoke(app, ["generate", str(gguf), "hi"])
+
+    assert result.exit_code == 2
+    assert "llmctl convert" in result.stderr
+
+
+def test_generate_gpu_profile_on_cpu_build(runner: CliRunner, tiny_llama_genai: Path) -> None:
+    import onnxruntime_genai as og
+
+    if og.is_cuda_available():
+        pytest.skip("this onnxruntime-genai build has CUDA")
+    result = runner.invoke(app, ["generate", str(tiny_llama_genai), "hi", "--profile", "gpu-nvidia-l4"])
+
+    assert result.exit_code == 2
+    assert "'cuda' is not available" in result.stderr
+    assert "--profile cpu-x86-avx2" in result.stderr

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -277,3 +279,171 @@ def test_cli_reports_load_failure(tmp_path: Path) -> None:
     assert process.returncode == 1
     assert "error:" in stderr
     assert "Traceback" not in stderr
+
+
+# ---------------------------------------------------------------- user values, shutdown, logs
+
+
+def post_json(url: str, body: dict) -> httpx.Response:
+    """POST ``body`` as ASCII JSON, so that lone surrogates travel as ``\\ud800`` escapes."""
+    return httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+@pytest.fixture(scope="module")
+def checked(tiny_torch):
+    settings = ServeSettings(default_max_tokens=5)
+    with running_server([ModelSpec(WrappedBackend(tiny_torch), name="tiny")], settings) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "Hi", "seed": 2**63}, "seed"),
+        ({"prompt": "Hi", "seed": -1}, "seed"),
+        ({"prompt": "Hi", "seed": 1e23}, "seed"),
+        ({"prompt": "Hi\ud800"}, "prompt"),
+        ({"prompt": ["ok", "bad\udfff"]}, "prompt"),
+        ({"prompt": [5, -3]}, "prompt"),
+        ({"prompt": "Hi", "stop": "\ud800"}, "stop"),
+    ],
+    ids=["seed-2**63", "seed-negative", "seed-1e23", "surrogate", "surrogate-in-list", "negative-token", "surrogate-stop"],
+)
+def test_completion_bad_value_is_400(checked, body: dict, param: str) -> None:
+    response = post_json(f"{checked.url}/v1/completions", {"model": "tiny", "max_tokens": 2, **body})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+def test_chat_surrogate_names_field(checked) -> None:
+    messages = [{"role": "user", "content": "Hi\ud800"}]
+    response = post_json(f"{checked.url}/v1/chat/completions", {"model": "tiny", "messages": messages})
+
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "messages.0.content"
+    assert "surrogate" in response.json()["error"]["message"]
+    assert "more problem" not in response.json()["error"]["message"]
+
+
+def test_tokenize_surrogate_is_400(checked) -> None:
+    response = post_json(f"{checked.url}/tokenize", {"model": "tiny", "prompt": "\udc00"})
+
+    assert response.status_code == 400
+
+
+def test_large_seed_is_served(checked) -> None:
+    answer = checked.client().completions.create(model="tiny", prompt="Hi", max_tokens=3, seed=2**63 - 1, temperature=1)
+
+    assert answer.usage.completion_tokens >= 1
+
+
+def test_chat_default_max_tokens(checked) -> None:
+    answer = checked.client().chat.completions.create(model="tiny", messages=CHAT, extra_body={"ignore_eos": True})
+    models = httpx.get(f"{checked.url}/v1/models").json()
+
+    assert answer.usage.completion_tokens == 5
+    assert answer.choices[0].finish_reason == "length"
+    assert models["data"][0]["max_model_len"] == 256
+
+
+def test_access_log_line(checked, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="llmctl.serve.access"):
+        response = httpx.post(
+            f"{checked.url}/v1/completions", json={"model": "tiny", "prompt": "secret prompt", "max_tokens": 2},
+            headers={"x-request-id": "req-42"},
+        )
+        assert checked.wait_until(lambda: any("req-42" in r.getMessage() for r in caplog.records), timeout=5)
+
+    line = next(r.getMessage() for r in caplog.records if "req-42" in r.getMessage())
+    assert response.status_code == 200
+    assert line.startswith("POST /v1/completions 200 ")
+    assert line.endswith("ms request_id=req-42")
+    assert "secret" not in line
+
+
+def test_shutdown_ends_stream_with_error(tiny_torch) -> None:
+    slow = WrappedBackend(tiny_torch, delay_s=0.05)
+    body = {"model": "slow", "prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}
+
+    with running_server([ModelSpec(slow, name="slow")]) as server:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            server.app.state.context.shut_down()
+            rest = [line for line in lines if line]
+        late = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False})
+
+    chunks = [line for line in rest if line.startswith("data: {")]
+    assert rest[-1] == "data: [DONE]"
+    assert '"server_shutting_down"' in chunks[-1]
+    assert len(chunks) < 100
+    assert late.status_code == 503
+
+
+def test_cli_port_in_use_exits_1(tiny_llama: Path) -> None:
+    from llmctl.cli.main import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", str(tiny_llama), "--backend", "torch", "--port", str(port)])
+
+    assert result.exit_code == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in result.output
+    assert "--port 0" in result.output
+    assert "serving" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--host", "999.1.1.1"], "--host '999.1.1.1' is not a valid address"),
+        (["--threads", "100000"], "--threads 100000 is outside 0.."),
+        (["--backend", "vllm"], "unknown runtime backend 'vllm'"),
+    ],
+    ids=["bad-host", "threads", "backend"],
+)
+def test_cli_usage_mistake_exits_2(tiny_llama: Path, extra: list[str], expected: str) -> None:
+    from llmctl.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", str(tiny_llama), "--port", "0", *extra])
+
+    assert result.exit_code == 2
+    assert expected in result.output
+    assert result.output.count("error:") == 1
+    assert "serving" not in result.output
+
+
+def test_cli_gguf_file_hints_convert(tmp_path: Path) -> None:
+    from llmctl.cli.main import app
+
+    gguf = tmp_path / "model.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    result = CliRunner().invoke(app, ["serve", str(gguf), "--port", "0"])
+
+    assert result.exit_code == 2
+    assert f"llmctl convert {gguf} -o DIR" in result.output
+
+
+def test_cli_help_lists_exit_codes() -> None:
+    from llmctl.cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"])
+
+    assert "Exit codes" in result.output
+    assert "--default-max-tokens" in result.output
+
+
+def test_log_record_is_one_line_in_files(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from llmctl.log import stderr_handler
+
+    handler = stderr_handler("%(message)s")
+    handler.emit(logging.LogRecord("llmctl.test", logging.INFO, __file__, 1, "x" * 300, None, None))
+    written = capsys.readouterr().err
+
+    assert written.count("\n") == 1
+    assert "INFO " + "x" * 300 in written

@@ -23,11 +23,17 @@ def generate_command(
     temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass; 1 disables it.")] = 1.0,
     top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the K most likely tokens; 0 disables it.")] = 0,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed; the same seed gives the same output.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed from 0 to 2**63-1; the same seed gives the same output."),
+    ] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.")] = None,
     backend: BackendOpt = "auto",
     profile: ProfileOpt = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=0, help="Intra-op threads; default from the profile.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=0, help="Intra-op threads, at most the CPU count; 0 lets the runtime choose; default from the profile."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run one prompt through a model and stream the answer to stdout; statistics go to stderr."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -13,7 +14,8 @@ from llmctl.cli.output import stderr
 
 def serve_command(
     models: Annotated[
-        list[Path], typer.Argument(help="Artifact folders (or Hugging Face folders for --backend torch) to serve.")
+        list[Path],
+        typer.Argument(help="Artifact folders (or Hugging Face folders for --backend torch) to serve."),
     ],
     profile: ProfileOpt = None,
     host: Annotated[str | None, typer.Option("--host", help="Address to bind; default from the profile (127.0.0.1).")] = None,
@@ -37,9 +39,32 @@ def serve_command(
     max_queue: Annotated[
         int | None, typer.Option("--max-queue", min=0, help="Requests waiting for a slot before 429; default from the profile.")
     ] = None,
-    threads: Annotated[int | None, typer.Option("--threads", min=0, help="Intra-op threads per model; default from the profile.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", min=0, help="Intra-op threads per model, at most the CPU count; 0 lets the runtime choose; default from the profile."),
+    ] = None,
+    default_max_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--default-max-tokens",
+            min=0,
+            help="Tokens a chat completion may generate when the request sets no max_tokens; "
+            "0 fills the rest of the context (OpenAI's behaviour); default from the profile (256).",
+        ),
+    ] = None,
 ) -> None:
-    """Serve models over the OpenAI HTTP API until SIGINT or SIGTERM."""
+    """Serve models over the OpenAI HTTP API until SIGINT or SIGTERM.
+
+    Each request is logged on stderr (method, path, status, duration, request id).
+
+    Exit codes:
+
+    0: a signal stopped the server.
+
+    1: a model failed to load, or the port is in use.
+
+    2: a usage mistake: a missing model folder, a bad --host, --threads above the CPU count, or a profile this machine cannot run.
+    """
     from llmctl.errors import UsageError
     from llmctl.profiles import load_profile
     from llmctl.serve.models import ModelSpec
@@ -64,12 +89,19 @@ def serve_command(
         )
         for i, path in enumerate(models)
     ]
+    token_cap = defaults.default_max_tokens if default_max_tokens is None else default_max_tokens
     settings = ServeSettings(
         api_key=api_key or None,
         max_concurrency=max_concurrency or defaults.max_concurrency,
         max_queue=defaults.max_queue if max_queue is None else max_queue,
         max_body_bytes=defaults.max_body_bytes,
+        default_max_tokens=token_cap or None,
     )
+
+    # A server logs its requests and model loads by default, as uvicorn and vLLM do.
+    serve_logger = logging.getLogger("llmctl.serve")
+    if serve_logger.getEffectiveLevel() > logging.INFO:
+        serve_logger.setLevel(logging.INFO)
 
     def announce(url: str) -> None:
         stderr.print(f"serving {', '.join(spec.served_name() for spec in specs)} on {url} (Ctrl+C to stop)", highlight=False)

@@ -151,6 +151,9 @@ class Serve(Strict):
     max_concurrency: PositiveInt = 8
     max_queue: Annotated[int, Field(ge=0)] = 64
     max_body_bytes: PositiveInt = 1_048_576
+    default_max_tokens: Annotated[int, Field(ge=0)] = Field(
+        256, description="max_tokens of a chat request that sets none; 0 fills the rest of the context"
+    )
 
 
 class Workload(Strict):

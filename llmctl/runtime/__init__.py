@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmctl.errors import InputError, UnsupportedError
+from llmctl.errors import InputError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:
     from llmctl.profiles.schema import Profile
@@ -79,7 +80,12 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
     if not folder.exists():
         raise InputError(f"model folder not found: {folder}", hint="pass an artifact folder made by llmctl convert")
     if not folder.is_dir():
-        raise InputError(f"{folder} is a file, not a model folder", hint="pass the folder that contains it")
+        if folder.suffix.lower() == ".gguf":
+            raise InputError(
+                f"{folder} is a GGUF file, which llmctl runs only after converting it",
+                hint=f"convert it first: llmctl convert {folder} -o DIR, then pass DIR",
+            )
+        raise InputError(f"{folder} is a file, not a model folder", hint="pass an artifact folder made by llmctl convert")
 
     _check_generative(folder)
     has_genai = (folder / "genai_config.json").is_file()
@@ -115,6 +121,68 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
     return requested
 
 
+def check_threads(threads: int, *, source: str) -> None:
+    """Reject an intra-op thread count above this machine's CPU count.
+
+    More threads than cores only adds contention, and a typo such as 100000 makes the
+    runtime allocate a pool so large that the process fills memory before it can load.
+
+    Args:
+        threads: the requested count; 0 lets the runtime choose.
+        source: where the value came from, for the message (``--threads`` or the profile).
+
+    Raises:
+        UsageError: ``threads`` is negative or above ``os.cpu_count()``.
+    """
+    cores = os.cpu_count() or 1
+    if 0 <= threads <= cores:
+        return
+    raise UsageError(
+        f"{source} {threads} is outside 0..{cores}: this machine has {cores} CPU cores",
+        hint=f"pass --threads with a value from 1 to {cores}, or 0 to let the runtime choose",
+    )
+
+
+def prepare_backend(
+    model_path: Path | str,
+    backend: str = "auto",
+    *,
+    profile: Profile | str | Path | None = None,
+    threads: int | None = None,
+) -> tuple[Path, str, Profile, int]:
+    """Check everything about opening a model that can be checked without loading it.
+
+    Args:
+        model_path: see ``open_backend``.
+        backend: see ``open_backend``.
+        profile: see ``open_backend``.
+        threads: see ``open_backend``.
+
+    Returns:
+        The model folder, the backend name, the loaded profile and the thread count.
+
+    Raises:
+        InputError, UnsupportedError: see ``select_backend_name``.
+        ProfileError: the profile does not exist or does not validate.
+        UsageError: the thread count is above the machine's CPU count.
+    """
+    from llmctl.pipeline import resolve_model_dir
+    from llmctl.profiles.loader import load_profile
+
+    # A pipeline output folder stands for the variant it selected.
+    folder = resolve_model_dir(model_path)
+    name = select_backend_name(folder, backend)
+    if profile is None or isinstance(profile, (str, Path)):
+        profile = load_profile(profile)
+    if threads is None:
+        thread_count = profile.runtime.threads
+        check_threads(thread_count, source=f"profile {profile.name!r} sets runtime.threads")
+    else:
+        thread_count = threads
+        check_threads(thread_count, source="--threads")
+    return folder, name, profile, thread_count
+
+
 def open_backend(
     model_path: Path | str,
     backend: str = "auto",
@@ -140,19 +208,13 @@ def open_backend(
     Raises:
         InputError, UnsupportedError: see ``select_backend_name``.
         ProfileError: the profile does not exist or does not validate.
+        UsageError: the thread count is above the machine's CPU count.
         RuntimeBackendError: the runtime failed to load the model.
     """
-    from llmctl.pipeline import resolve_model_dir
-    from llmctl.profiles.loader import load_profile
     from llmctl.registry import backends
 
-    # A pipeline output folder stands for the variant it selected.
-    folder = resolve_model_dir(model_path)
-    name = select_backend_name(folder, backend)
-    if profile is None or isinstance(profile, (str, Path)):
-        profile = load_profile(profile)
+    folder, name, profile, thread_count = prepare_backend(model_path, backend, profile=profile, threads=threads)
     options.setdefault("execution_provider", profile.runtime.execution_provider)
-    thread_count = profile.runtime.threads if threads is None else threads
 
     logger.info("opening %s with the %s backend", folder, name)
     instance = backends.create(name, folder, threads=thread_count, **options)

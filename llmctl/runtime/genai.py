@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from llmctl.errors import RuntimeBackendError
+from llmctl.errors import RuntimeBackendError, UnsupportedError
 from llmctl.runtime.base import Capabilities, GenerationStep, SamplingParams
 from llmctl.runtime.common import ScoringBackend
 from llmctl.runtime.ort import OnnxDecoder, find_decoder_file
@@ -46,6 +46,8 @@ from llmctl.runtime.tokenizer import read_json
 logger = logging.getLogger(__name__)
 
 GENAI_PROVIDERS = {"cuda": "cuda", "dml": "dml", "tensorrt": "NvTensorRtRtx", "coreml": "coreml"}
+# The providers whose presence onnxruntime_genai can report before a load fails on them.
+GENAI_PROVIDER_CHECKS = {"cuda": "is_cuda_available", "tensorrt": "is_cuda_available", "dml": "is_dml_available"}
 # NOTE: the largest static batch og.Engine (0.12.2) forms; it is a constant in its scheduler,
 # not a setting, and a batch past it would wait for the first four to finish.
 ENGINE_BATCH_SIZE = 4
@@ -91,10 +93,11 @@ class GenAIBackend(ScoringBackend):
                 hint="convert with --exporter genai, or use --backend ort",
             )
         logger.info("loading %s with onnxruntime_genai %s", self.model_path, og.__version__)
+        provider = self.options.get("execution_provider", "cpu")
+        check_genai_provider(og, provider)
         try:
             config = og.Config(str(self.model_path))
             config.clear_providers()
-            provider = self.options.get("execution_provider", "cpu")
             if provider != "cpu":
                 config.append_provider(GENAI_PROVIDERS.get(provider, provider))
             if self.threads:
@@ -145,8 +148,9 @@ class GenAIBackend(ScoringBackend):
                     temperature=float(params.temperature),
                     top_p=float(params.top_p),
                     # GenAI's own default top_k is 50; 0 in the OpenAI sense means no limit.
-                    top_k=int(params.top_k) if params.top_k > 0 else self.vocab_size,
-                    random_seed=int(params.seed) if params.seed is not None else secrets.randbelow(2**31),
+                    top_k=min(int(params.top_k), self.vocab_size) if params.top_k > 0 else self.vocab_size,
+                    # GenAI takes a 32-bit signed seed; folding keeps "same seed, same output".
+                    random_seed=int(params.seed) % 2**31 if params.seed is not None else secrets.randbelow(2**31),
                 )
             if params.ignore_eos:
                 options["min_length"] = prompt_length + budget
@@ -271,6 +275,21 @@ class GenAIBackend(ScoringBackend):
         if self.model is None:
             raise RuntimeBackendError(f"the genai backend for {self.model_path} is not loaded", hint="call load() first")
         return self.model
+
+
+def check_genai_provider(og: Any, provider: str) -> None:
+    """Reject a profile's execution provider that this onnxruntime_genai build lacks.
+
+    Raises:
+        UnsupportedError: the build reports that it cannot use ``provider``.
+    """
+    check = getattr(og, GENAI_PROVIDER_CHECKS.get(provider, ""), None)
+    if check is None or check():
+        return
+    raise UnsupportedError(
+        f"the profile's execution provider {provider!r} is not available in this onnxruntime-genai build",
+        hint=f"use a CPU profile such as --profile cpu-x86-avx2, or install the onnxruntime-genai build for {provider}",
+    )
 
 
 class _TurnLock:

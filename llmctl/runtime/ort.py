@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from llmctl.errors import RuntimeBackendError
+from llmctl.errors import RuntimeBackendError, UnsupportedError
 from llmctl.runtime.base import Capabilities
 from llmctl.runtime.common import LogitsBackend
 from llmctl.runtime.tokenizer import read_json
@@ -79,9 +79,10 @@ class OnnxDecoder:
             options.intra_op_num_threads = threads
         provider = PROVIDERS.get(execution_provider, execution_provider)
         if provider not in ort.get_available_providers():
-            raise RuntimeBackendError(
-                f"execution provider {execution_provider!r} is not available in this onnxruntime build",
-                hint=f"available: {', '.join(ort.get_available_providers())}; pick a profile for this machine",
+            raise UnsupportedError(
+                f"the profile's execution provider {execution_provider!r} is not available in this onnxruntime build "
+                f"(available: {', '.join(ort.get_available_providers())})",
+                hint="use a profile for this machine, such as --profile cpu-x86-avx2",
             )
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[provider])

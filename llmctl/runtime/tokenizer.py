@@ -93,7 +93,7 @@ class ArtifactTokenizer:
         if not self.has_chat_template:
             raise UsageError(
                 f"the model in {self.hf.name_or_path} has no chat template",
-                hint="send a plain prompt (drop --chat, or use /v1/completions)",
+                hint="send a plain prompt instead of chat messages",
             )
         messages = [_check_message(message, index) for index, message in enumerate(messages)]
         if not any(self._contains_special_text(m.get("content")) for m in messages):

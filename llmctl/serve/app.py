@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,12 +29,18 @@ from llmctl.serve.scheduler import Scheduler
 from llmctl.serve.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
+# One line per request: method, path, status, duration and request id; never bodies or keys.
+access_logger = logging.getLogger("llmctl.serve.access")
+# Probes that a load balancer sends every few seconds are logged at DEBUG only.
+QUIET_PATHS = {"/health", "/metrics"}
 
 OPEN_PATHS = {"/health"}
 ENDPOINTS = {
     "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize",
 }
 REQUEST_ID_HEADER = "x-request-id"
+# How long shutdown waits for a model that is still loading before it leaves it behind.
+LOADER_JOIN_TIMEOUT_S = 2.0
 
 
 def request_id_of(request: Request) -> str:
@@ -63,6 +70,7 @@ class GuardMiddleware:
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
         status: dict[str, Any] = {"code": 500, "started": False}
+        started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -89,6 +97,11 @@ class GuardMiddleware:
             await self._send_error(send_with_id, internal_error(request_id))
         finally:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            access_logger.log(
+                logging.DEBUG if path in QUIET_PATHS else logging.INFO,
+                "%s %s %s %.0f ms request_id=%s",
+                scope["method"], path, status["code"], (time.perf_counter() - started) * 1000, request_id,
+            )
 
     def _check_key(self, path: str, headers: dict[str, str]) -> APIError | None:
         key = self.settings.api_key
@@ -255,26 +268,32 @@ def create_app(models: Sequence[ModelSpec], settings: ServeSettings, *, on_load_
         scheduler=Scheduler(settings.max_concurrency, settings.max_queue, metrics, settings.retry_after_s),
         metrics=metrics,
         executor=ThreadPoolExecutor(max_workers=max(4, settings.max_concurrency), thread_name_prefix="llmctl-serve"),
+        default_max_tokens=settings.default_max_tokens,
     )
     state: dict[str, BaseException | None] = {"load_error": None}
 
     def load_models() -> None:
         try:
             pool.load()
-            logger.info("serving %s", ", ".join(pool.names()))
         except BaseException as error:  # noqa: BLE001 - reported through /health and on_load_failure
             state["load_error"] = error
-            logger.error("loading the models failed: %s", error)
             if on_load_failure is not None:
+                logger.debug("loading the models failed", exc_info=error)  # the caller reports it
                 on_load_failure(error)
+            else:
+                logger.error("loading the models failed: %s", error)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=load_models, name="llmctl-load", daemon=True)
         loader.start()
         yield
-        await asyncio.to_thread(loader.join)
-        pool.close()
+        await asyncio.to_thread(loader.join, LOADER_JOIN_TIMEOUT_S)
+        if loader.is_alive():
+            # A stop signal during a long load: the loader is a daemon thread and ends with the process.
+            logger.warning("stopping while the models are still loading")
+        else:
+            pool.close()
         context.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="llmctl", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -85,6 +85,15 @@ def not_ready() -> APIError:
     )
 
 
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down and ended this generation; retry the request once the server is running again.",
+        type="service_unavailable",
+        code="server_shutting_down",
+    )
+
+
 def internal_error(request_id: str) -> APIError:
     return APIError(
         500,
@@ -101,15 +110,23 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
         detail = first.get("ctx", {}).get("error", "")
         return APIError(400, f"The request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
 
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # A union field (such as prompt) repeats the field for each member type it tried.
-    field = ".".join(part for part in location if not _is_type_tag(part))
+    field = _field_of(first)
     message = str(first.get("msg", "invalid value"))
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
     where = f"{field}: " if field else ""
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    # A union field (such as content or prompt) reports one error per member type it tried;
+    # those are one problem, so only errors in other fields count.
+    others = len({_field_of(error) for error in errors[1:]} - {field})
+    more = f" (and {others} more problem{'s' if others > 1 else ''})" if others else ""
     return APIError(400, f"Invalid request: {where}{message}{more}", param=field or None, code="invalid_value")
+
+
+def _field_of(error: dict[str, Any]) -> str:
+    """Return the dotted request field of a validation error, without pydantic's union type tags."""
+    location = [str(part) for part in error.get("loc", ()) if part != "body"]
+    field = ".".join(part for part in location if not _is_type_tag(part))
+    return field
 
 
 def _is_type_tag(part: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from llmctl.errors import UsageError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
 from llmctl.serve import protocol as wire
-from llmctl.serve.errors import APIError, bad_request, internal_error
+from llmctl.serve.errors import APIError, bad_request, internal_error, shutting_down
 from llmctl.serve.metrics import ServerMetrics
 from llmctl.serve.models import ModelPool, ServedModel, TokenTexts
 from llmctl.serve.scheduler import Scheduler, SequenceEvent, SequenceGroup, SequenceRequest, Slot
@@ -48,6 +48,19 @@ class ServerContext:
     scheduler: Scheduler
     metrics: ServerMetrics
     executor: ThreadPoolExecutor
+    # max_tokens of a chat request that sets no limit; None fills the rest of the context.
+    default_max_tokens: int | None = None
+    generations: set[Generation] = field(default_factory=set)
+    shutting_down: bool = False
+
+    def shut_down(self) -> None:
+        """End every running generation with a 503 error event, and reject new ones.
+
+        Called from a signal handler, so it only sets flags and events.
+        """
+        self.shutting_down = True
+        for generation in list(self.generations):
+            generation.group.cancel(shutting_down())
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking backend call (tokenize, template, score) off the event loop."""
@@ -191,7 +204,7 @@ def check_token_ids(model: ServedModel, token_ids: Sequence[int], param: str) ->
     vocab_size = getattr(model.backend, "vocab_size", None)
     if not isinstance(vocab_size, int):
         return
-    bad = [token for token in token_ids if token >= vocab_size]
+    bad = [token for token in token_ids if token < 0 or token >= vocab_size]
     if bad:
         raise bad_request(f"token id {bad[0]} is outside the vocabulary of {model.name!r} (size {vocab_size})", param=param)
 
@@ -232,6 +245,9 @@ class Generation:
         self.started = time.perf_counter()
         self.context = context
         self.model = model
+        context.generations.add(self)
+        if context.shutting_down:
+            self.group.cancel(shutting_down())
 
     @property
     def completion_tokens(self) -> int:
@@ -252,6 +268,7 @@ class Generation:
         return results
 
     def close(self) -> None:
+        self.context.generations.discard(self)
         self.group.close()
         self.context.metrics.request_duration.labels(self.model.name).observe(time.perf_counter() - self.started)
 
@@ -382,7 +399,8 @@ class ChatHandler:
 
         param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = resolve_max_tokens(
-            len(prompt_ids), request.token_limit(), model.backend.context_length, default=None, param=param
+            len(prompt_ids), request.token_limit(), model.backend.context_length,
+            default=self.context.default_max_tokens, param=param,
         )
         top = request.top_logprobs or 0
         logprobs = top if request.logprobs else None

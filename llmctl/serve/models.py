@@ -99,6 +99,18 @@ class ModelPool:
     def names(self) -> list[str]:
         return [spec.served_name() for spec in self.specs]
 
+    def check(self) -> None:
+        """Check every model folder, backend name and thread count without loading anything.
+
+        Raises:
+            LlmctlError: the first model that cannot be opened (see ``prepare_backend``).
+        """
+        from llmctl.runtime import prepare_backend
+
+        for spec in self.specs:
+            if not isinstance(spec.source, Backend):
+                prepare_backend(Path(spec.source), spec.backend, profile=spec.profile, threads=spec.threads)
+
     def load(self) -> None:
         """Load every model, blocking; ``ready`` turns True when all are loaded.
 

@@ -12,10 +12,28 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 16
+# A seed is a non-negative 64-bit integer; each backend maps it to its own generator's range.
+MAX_SEED = 2**63 - 1
+
+
+def _valid_unicode(value: str) -> str:
+    """Reject a lone UTF-16 surrogate (JSON allows ``"\\ud800"``), which no tokenizer or UTF-8 encoder accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"contains a lone surrogate \\u{ord(value[error.start]):04x} at character {error.start}, "
+            "which is not valid Unicode; send UTF-8 text"
+        ) from None
+    return value
+
+
+# Every request string that reaches a tokenizer, a log line or a response.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class Request(BaseModel):
@@ -53,13 +71,13 @@ class ResponseFormat(Request):
 class SamplingFields(Request):
     """Fields shared by ``/v1/chat/completions`` and ``/v1/completions``."""
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     max_tokens: Annotated[int, Field(ge=0)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    stop: Text | list[Text] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -68,7 +86,7 @@ class SamplingFields(Request):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("stop")
     @classmethod
@@ -97,13 +115,13 @@ class SamplingFields(Request):
 
 class TextPart(Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """Return the content as one string; text parts are joined with no separator."""
@@ -137,7 +155,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = Text | list[Text] | list[int] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
@@ -175,8 +193,8 @@ class CompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(Request):
-    model: str = Field(min_length=1)
-    prompt: str | None = None
+    model: Text = Field(min_length=1)
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -189,7 +207,7 @@ class TokenizeRequest(Request):
 
 
 class DetokenizeRequest(Request):
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     tokens: list[Annotated[int, Field(ge=0)]]
 
 

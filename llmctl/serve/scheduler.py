@@ -168,6 +168,7 @@ class SequenceGroup:
         self.metrics = metrics
         self.completion_tokens = [0] * len(self.sequences)
         self._cancel = threading.Event()
+        self._cancel_error: BaseException | None = None
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[SequenceEvent | int] = asyncio.Queue()
         self._threads = [
@@ -179,8 +180,15 @@ class SequenceGroup:
         self._on_closed = on_closed
         self._started = time.perf_counter()
 
-    def cancel(self) -> None:
-        """Ask every worker thread to stop after the token in progress."""
+    def cancel(self, error: BaseException | None = None) -> None:
+        """Ask every worker thread to stop after the token in progress.
+
+        Args:
+            error: sent as each unfinished sequence's last event (the server is shutting
+                down); None means the client has gone and no reader is left.
+        """
+        if error is not None and self._cancel_error is None:
+            self._cancel_error = error
         self._cancel.set()
 
     def close(self) -> None:
@@ -256,6 +264,9 @@ class SequenceGroup:
                 if chunk.finish_reason is not None:
                     return
                 if self._cancel.is_set():
+                    if self._cancel_error is not None:
+                        self._put(SequenceEvent(sequence.index, error=self._cancel_error))
+                        return
                     self.metrics.cancelled.labels(self.model_name).inc()
                     logger.info("generation cancelled after %d tokens", self.completion_tokens[position])
                     return

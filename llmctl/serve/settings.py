@@ -17,6 +17,9 @@ class ServeSettings:
         retry_after_s: ``Retry-After`` seconds sent with 429.
         shutdown_timeout_s: seconds in-flight requests get to finish after SIGINT/SIGTERM
             before they are cancelled.
+        default_max_tokens: tokens a chat completion may generate when the request sets
+            neither ``max_tokens`` nor ``max_completion_tokens``; None fills the rest of the
+            context, as OpenAI does.
     """
 
     api_key: str | None = None
@@ -25,3 +28,4 @@ class ServeSettings:
     max_body_bytes: int = 1_048_576
     retry_after_s: int = 1
     shutdown_timeout_s: float = 10.0
+    default_max_tokens: int | None = None
