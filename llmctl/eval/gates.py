@@ -45,6 +45,10 @@ class Gate:
     baseline_operand: float | None = None
 
 
+class UnknownMetricError(InputError):
+    """A gate names a metric that no task of the suite produces."""
+
+
 def resolve_metric(name: str, known: Sequence[str], expression: str) -> str:
     """Return the full ``task.metric`` name that ``name`` refers to.
 
@@ -60,7 +64,7 @@ def resolve_metric(name: str, known: Sequence[str], expression: str) -> str:
         raise InputError(
             f"gate {expression!r}: metric {name!r} is ambiguous", hint=f"name one of: {', '.join(matches)}"
         )
-    raise InputError(
+    raise UnknownMetricError(
         f"gate {expression!r}: unknown metric {name!r}",
         hint=f"metrics of this suite: {', '.join(known) or '(none)'}",
     )

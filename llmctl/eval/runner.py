@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import InputError, UsageError
-from llmctl.eval.gates import Gate, check_gates, parse_gate, require_baseline
+from llmctl.eval.gates import Gate, UnknownMetricError, check_gates, parse_gate, require_baseline
 from llmctl.eval.results import SCHEMA_VERSION, TaskResult, flatten_metrics, load_results, skipped
 from llmctl.eval.suite import TASK_METRICS, Suite, load_suite
 from llmctl.eval.tasks import DataMissing, EvalContext, NoProgress, Progress, runner_for
@@ -67,6 +67,11 @@ def _parse_gates(suite: Suite, profile: Any, extra: list[str]) -> list[Gate]:
         try:
             gates.append(parse_gate(expression, known))
         except InputError as error:
+            from_profile = expression in profile.eval.gates and expression not in extra
+            if from_profile and isinstance(error, UnknownMetricError):
+                # A profile serves many suites; its gates apply where the suite measures the metric.
+                logger.info("profile %s: gate %r skipped: suite %s does not measure its metric", profile.name, expression, suite.name)
+                continue
             source = f"profile {profile.name}" if expression in profile.eval.gates else "--gate"
             raise InputError(f"{source}: {error.message}", hint=error.hint) from None
     return gates
