@@ -124,7 +124,12 @@ def _read_hub_config(repo_id: str) -> ModelConfig:
     before the download starts.
     """
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     cached = try_to_load_from_cache(repo_id, "config.json")
     if isinstance(cached, str):
@@ -139,7 +144,7 @@ def _read_hub_config(repo_id: str) -> ModelConfig:
         local = hf_hub_download(repo_id, "config.json")
     except (RepositoryNotFoundError, EntryNotFoundError) as error:
         raise InputError(f"{repo_id}: no such model or no config.json on the hub", hint="check the id") from error
-    except LocalEntryNotFoundError as error:  # the connection broke after the check
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # the connection broke after the check
         raise InputError(f"{repo_id}: downloading config.json from {constants.ENDPOINT} failed",
                          hint="try again, or pass a local model folder or its config.json") from error
     return _read_json_config(Path(local), name=repo_id.split("/")[-1])
@@ -161,13 +166,14 @@ def _check_hub_reachable(repo_id: str, endpoint: str) -> None:
     Raises:
         InputError: the connection fails or times out.
     """
-    # NOTE: huggingface_hub 0.x sessions are requests sessions; 1.x moved to httpx.
+    # A plain request, not huggingface_hub's shared session: that session is cached per process
+    # and keeps an offline adapter once it was created while HF_HUB_OFFLINE was set.
     import requests
-    from huggingface_hub import constants, get_session, hf_hub_url
+    from huggingface_hub import constants, hf_hub_url
 
     url = hf_hub_url(repo_id, "config.json", endpoint=endpoint)
     try:
-        get_session().head(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, allow_redirects=False)
+        requests.head(url, timeout=constants.HF_HUB_ETAG_TIMEOUT, allow_redirects=False)
     except requests.RequestException as error:
         raise InputError(
             f"{repo_id}: config.json is not in the Hugging Face cache and {endpoint} cannot be reached "
