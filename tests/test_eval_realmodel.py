@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from llmctl.cli.main import app
+from llmctl.profiles import load_profile
 
 pytestmark = pytest.mark.realmodel
 
@@ -32,7 +34,16 @@ def test_quick_suite_on_smollm2_int4(smollm2_int4: Path, smollm2_genai_fp32: Pat
         "parity.top1_agreement >= 0.4",
         "decode_tps >= 2",
     ]
-    args = ["eval", str(smollm2_int4), "--suite", "quick", "--reference", str(smollm2_genai_fp32), "-o", str(tmp_path / "r.json")]
+    # The default profile also gates on top-1 agreement >= 0.7, which int4 RTN misses on this
+    # model by design (the pipeline then prefers int8); this test checks int4 against its own gates.
+    profile = load_profile(None).model_copy(deep=True)
+    profile.eval.gates = []
+    profile_file = tmp_path / "profile.yaml"
+    profile_file.write_text(yaml.safe_dump(profile.model_dump(mode="json")), encoding="utf-8")
+    args = [
+        "eval", str(smollm2_int4), "--suite", "quick", "--reference", str(smollm2_genai_fp32),
+        "--profile", str(profile_file), "-o", str(tmp_path / "r.json"),
+    ]
     for gate in gates:
         args += ["--gate", gate]
     result = CliRunner().invoke(app, args, env={"LLMCTL_DATASETS": str(shared_datasets)})
