@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -62,6 +63,14 @@ def test_convert_tied_stored_once(llama_onnx: Path, tiny_llama: Path):
     vocab_matrices = [name for name, dims in shapes.items() if sorted(dims) == [64, 384]]
     assert vocab_matrices == ["lm_head.MatMul.weight"]
     assert weight_bytes(llama_onnx) <= 1.05 * checkpoint_fp32_bytes(tiny_llama)
+
+
+def test_weight_bytes_leaves_out_rotary_tables(llama_onnx: Path):
+    model = onnx.load(str(llama_onnx / "model.onnx"), load_external_data=False)
+    tables = [t for t in model.graph.initializer if t.name in ("cos_cache", "sin_cache")]
+    assert len(tables) == 2
+    table_bytes = sum(int(np.prod(t.dims)) * 4 for t in tables)
+    assert weight_bytes(llama_onnx, include_buffers=True) - weight_bytes(llama_onnx) == table_bytes
 
 
 def test_convert_untied_kept_untied(tiny_llama_untied: Path, tmp_path: Path, profile):

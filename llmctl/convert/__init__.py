@@ -288,6 +288,7 @@ def _summary(
         "dtype": dtype,
         "sizes": {
             "onnx_weight_bytes": weight_bytes(staging),
+            "onnx_buffer_bytes": weight_bytes(staging, include_buffers=True) - weight_bytes(staging),
             "checkpoint_fp32_bytes": checkpoint_fp32_bytes(resolved.folder),
             "folder_bytes": folder_bytes(staging),
         },

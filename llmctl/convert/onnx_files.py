@@ -65,14 +65,26 @@ def save_model(model, path: Path) -> list[Path]:
     return [path, path.parent / data_name]
 
 
-def weight_bytes(folder: Path) -> int:
-    """Return the bytes of the ONNX weights in ``folder``: the external data files and inline initializers."""
+# Initializers that are precomputed buffers, not model parameters: the GenAI builder stores the
+# rotary embedding's cos/sin tables (67 MB for Gemma-3-270M, whose two RoPE bases need two pairs).
+BUFFER_PREFIXES = ("cos_cache", "sin_cache")
+
+
+def weight_bytes(folder: Path, *, include_buffers: bool = False) -> int:
+    """Return the bytes of the ONNX weights in ``folder``: the external data files and inline initializers.
+
+    Args:
+        include_buffers: count the precomputed rotary tables too; without it the figure is
+            comparable with the checkpoint's parameter bytes.
+    """
     import onnx
 
     total = 0
     for graph_file in folder.glob("*.onnx"):
         model = onnx.load(str(graph_file), load_external_data=False)
         for tensor in model.graph.initializer:
+            if not include_buffers and tensor.name.startswith(BUFFER_PREFIXES):
+                continue
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 info = {entry.key: entry.value for entry in tensor.external_data}
                 total += int(info.get("length", 0))
