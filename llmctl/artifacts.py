@@ -1,8 +1,9 @@
 """Artifact folders: atomic writing and the ``llmctl.json`` manifest.
 
 Every step writes into a temporary sibling of its output folder and renames it into place
-only when it has finished, so an interrupted or failed run (Ctrl-C included) never leaves a
-half-written artifact where the next step or a user would pick it up.
+only when it has finished. A failed or interrupted run (Ctrl-C and SIGTERM included) therefore
+leaves no half-written artifact at the output path. After a SIGKILL the staging folder stays
+behind, and the next run that writes the same output removes it.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ PRESENT_OUTPUT_PREFIX = "present."
 
 
 class CausalLM(Protocol):
-    """What parity needs from a model: full-sequence logits and greedy decoding with a cache."""
+    """Model interface that parity needs: full-sequence logits and greedy decoding with a cache."""
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Return fp32 logits of shape [len(token_ids), vocab] for one sequence."""

@@ -37,7 +37,7 @@ def _check_positive(option: str, value: float | None, *, hint: str) -> None:
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """What is served: request shape and load. Exactly one load measure is set.
+    """Served workload: request shape and load. Exactly one load measure is set.
 
     Attributes:
         prompt_tokens: input tokens per request.

@@ -24,7 +24,7 @@ PRECISIONS = FLOAT_PRECISIONS + QUANT_PRECISIONS
 
 @dataclass(frozen=True)
 class ArchRules:
-    """How a ``model_type`` lays out the parameters of one decoder layer."""
+    """Parameter layout of one decoder layer for a ``model_type``."""
 
     norms_per_layer: int = 2
     norm_has_bias: bool = False
@@ -196,7 +196,7 @@ class ModelStats:
         return sum(per_layer * (min(length, w) if w else length) for w in self.layer_windows)
 
     def kv_bytes_window_blind(self, length: int, kv_dtype: str = "fp16") -> int:
-        """What an estimate that ignores sliding windows would give (for comparison)."""
+        """Return the KV-cache bytes of ``length`` tokens as if no layer had a sliding window."""
         return self.kv_bytes_per_token(kv_dtype) * length
 
     # --- weight bytes ------------------------------------------------------------------

@@ -39,7 +39,7 @@ MATMUL_SIZE = 1024
 
 @dataclass(frozen=True)
 class Measurements:
-    """What ``detect_profile`` measured, in the units the profile uses."""
+    """Measurements taken by ``detect_profile``, in the units the profile uses."""
 
     read_bandwidth_gbps: float
     read_bandwidth_one_thread_gbps: float

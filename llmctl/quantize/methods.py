@@ -56,7 +56,7 @@ class QuantizeSettings:
 
 @dataclass
 class QuantizeReport:
-    """What a quantizer did to the graph, for the manifest."""
+    """Record of the changes a quantizer made to the graph, for the manifest."""
 
     quantized_nodes: int = 0
     head: str = "float"
@@ -67,7 +67,7 @@ class QuantizeReport:
 
 @dataclass
 class EmbeddingLayout:
-    """Where the token embedding and the output head live in the graph."""
+    """Nodes of the token embedding and the output head in the graph."""
 
     gather: Any = None  # the Gather node of the embedding lookup
     transpose: Any = None  # Transpose(head weight) feeding the Gather, for tied weights

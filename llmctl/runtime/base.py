@@ -25,7 +25,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can do; the server returns 400 for a parameter the backend lacks."""
+    """Features a backend supports; the server returns 400 for a parameter the backend lacks."""
 
     logprobs: bool = True
     prompt_logprobs: bool = True
@@ -108,7 +108,7 @@ class Backend(abc.ABC):
     @property
     @abc.abstractmethod
     def context_length(self) -> int:
-        """The maximum number of tokens (prompt plus generated) one sequence may hold."""
+        """Maximum number of tokens (prompt plus generated) in one sequence."""
 
     @property
     @abc.abstractmethod
