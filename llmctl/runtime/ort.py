@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmctl.errors import RuntimeBackendError, UnsupportedError
-from llmctl.runtime.base import Capabilities
+from llmctl.runtime.base import Capabilities, GenerationStep, SamplingParams
+from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
 from llmctl.runtime.common import LogitsBackend
 from llmctl.runtime.tokenizer import read_json
 
@@ -143,14 +145,19 @@ class OrtBackend(LogitsBackend):
 
     Options:
         execution_provider: the profile's provider name; default cpu.
+        continuous_batching: run generations through ``llmctl.runtime.batching.BatchEngine``
+            when the graph updates its cache in place (the GenAI model builder's graphs) and
+            the provider is the CPU; default True. Otherwise each generation runs its own loop.
     """
 
     name = "ort"
-    capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True)
 
     def __init__(self, model_path: Path, *, threads: int = 0, **options: Any) -> None:
         super().__init__(model_path, threads=threads, **options)
         self.decoder: OnnxDecoder | None = None
+        self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True)
+        self._engine: BatchEngine | None = None
+        self._lock = TurnLock()
 
     @classmethod
     def can_load(cls, model_path: Path) -> bool:
@@ -159,10 +166,20 @@ class OrtBackend(LogitsBackend):
     def load(self) -> None:
         path = find_decoder_file(self.model_path)
         logger.info("loading %s with onnxruntime", path)
-        self.decoder = OnnxDecoder(
-            path, threads=self.threads, execution_provider=self.options.get("execution_provider", "cpu")
-        )
+        provider = self.options.get("execution_provider", "cpu")
+        self.decoder = OnnxDecoder(path, threads=self.threads, execution_provider=provider)
         self._load_tokenizer()
+        if self.options.get("continuous_batching", True) and provider == "cpu" and updates_cache_in_place(path):
+            self._engine = BatchEngine(
+                self.decoder, vocab_size=self.vocab_size, context_length=self.context_length, step_lock=self._lock
+            )
+            self.capabilities = replace(self.capabilities, continuous_batching=True)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationStep]:
+        if self._engine is None:
+            return super().generate(prompt_ids, params)
+        ids, budget = self._prepare_prompt(prompt_ids, params)
+        return self._engine.generate(ids, budget, params, self._eos_ids)
 
     def _prefill(self, token_ids: list[int]) -> tuple[np.ndarray, Any]:
         decoder = self._decoder()
@@ -194,4 +211,7 @@ class OrtBackend(LogitsBackend):
         return self.decoder
 
     def close(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
         self.decoder = None

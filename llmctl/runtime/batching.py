@@ -1,0 +1,401 @@
+"""Continuous batching over one decoder graph whose attention updates its KV cache in place.
+
+The GenAI model builder emits ``GroupQueryAttention``, which reads each sequence's length
+from the row sums of ``attention_mask`` and, when a ``past_key_values`` input and its
+``present`` output are bound to the same buffer, writes the new keys and values into that
+buffer at each sequence's own offset. So one buffer per cache tensor, shaped
+``(rows, kv_heads, capacity, head_dim)``, holds every running sequence right-padded:
+
+- a decode step runs every running sequence as one batch of one token each, so the weights
+  are read once per step for all of them;
+- a new sequence joins between steps: its prompt runs in chunks into a free row;
+- a finished or cancelled sequence leaves between steps: the last row moves into its place.
+
+NOTE: written here rather than taken from ``og.Engine``: onnxruntime-genai 0.12.2's engine
+on CPU forms static batches of at most four, a request added to a running batch waits for
+the whole batch, and ``remove_request`` does not stop a request already in a batch, so a
+client that disconnects would keep its slot.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmctl.errors import RuntimeBackendError
+from llmctl.runtime.base import GenerationStep, SamplingParams
+from llmctl.runtime.sampling import Sampler
+
+if TYPE_CHECKING:
+    from llmctl.runtime.ort import OnnxDecoder
+
+logger = logging.getLogger(__name__)
+
+# Prompt tokens run per prefill call: bounds the (tokens, vocab) logits array a prompt
+# produces, and lets running sequences take a decode step between two chunks of a long prompt.
+PREFILL_CHUNK = 256
+# The cache grows in steps of this many positions, so it is not reallocated every token.
+CAPACITY_STEP = 256
+# A cache larger than this is released once no sequence runs.
+IDLE_CACHE_BYTES = 256 * 2**20
+
+
+def updates_cache_in_place(path: Path) -> bool:
+    """Return True when the decoder's attention can share one KV buffer between past and present.
+
+    That is ``GroupQueryAttention``, which the GenAI model builder emits; optimum's exports
+    concatenate the cache with ordinary operators and cannot.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type == "GroupQueryAttention" for node in graph.node)
+
+
+class TurnLock:
+    """A lock handed to waiting threads in arrival order.
+
+    Each generation loops "take the lock, run one step, release"; with a plain lock the
+    releasing thread usually takes it straight back, so one request would starve the others.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._waiters: deque[threading.Event] = deque()
+        self._held = False
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiters.append(turn)
+        turn.wait()  # the releasing thread hands the lock over before it sets the event
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().set()
+            else:
+                self._held = False
+
+
+@dataclass
+class _Sequence:
+    """One generation in the engine. Fields past ``tokens`` belong to the engine thread."""
+
+    key: int
+    prompt: list[int]
+    budget: int
+    sampler: Sampler
+    stop_ids: frozenset[int]
+    tokens: queue.Queue = field(default_factory=queue.Queue)
+    length: int = 0  # positions of this sequence already in the cache
+    generated: int = 0
+    last_token: int = -1
+
+
+class KVCache:
+    """The shared cache buffers: one ``(rows, kv_heads, capacity, head_dim)`` array per cache input.
+
+    Row ``i`` holds the ``i``-th running sequence; positions past its length hold stale values
+    that attention never reads.
+    """
+
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self._decoder = decoder
+        self.arrays: dict[str, np.ndarray] = {}
+        self.rows = 0
+        self.capacity = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(array.nbytes for array in self.arrays.values())
+
+    def reserve(self, rows: int, positions: int, limit: int) -> bool:
+        """Make room for ``rows`` rows of ``positions`` positions; return True when the buffers moved."""
+        if rows <= self.rows and positions <= self.capacity:
+            return False
+        new_rows = max(rows, self.rows, 1)
+        if rows > self.rows:
+            new_rows = max(rows, 2 * self.rows)
+        new_capacity = self.capacity
+        if positions > self.capacity:
+            new_capacity = min(limit, -(-positions // CAPACITY_STEP) * CAPACITY_STEP)
+            new_capacity = max(new_capacity, positions)
+        arrays = {}
+        for name, (heads, head_dim) in self._decoder.past_shapes.items():
+            array = np.zeros((new_rows, heads, new_capacity, head_dim), dtype=self._decoder.past_dtypes[name])
+            old = self.arrays.get(name)
+            if old is not None:
+                array[: old.shape[0], :, : old.shape[2]] = old
+            arrays[name] = array
+        self.arrays, self.rows, self.capacity = arrays, new_rows, new_capacity
+        return True
+
+    def move_row(self, source: int, target: int, length: int) -> None:
+        for array in self.arrays.values():
+            array[target, :, :length] = array[source, :, :length]
+
+    def release(self) -> None:
+        self.arrays, self.rows, self.capacity = {}, 0, 0
+
+
+class BatchEngine:
+    """Runs every submitted generation in shared decode steps on a background thread.
+
+    Other threads only submit sequences and cancel them; all model calls happen on the
+    engine thread. Each sequence's steps go to its own queue as ``GenerationStep`` items, or
+    an exception when a model call fails.
+
+    Args:
+        decoder: a decoder whose graph updates its cache in place (``updates_cache_in_place``).
+        vocab_size: the width of the logits the sampler reads.
+        context_length: the most positions one sequence may use.
+        max_batch: the most sequences in one decode step; later ones wait for a free row.
+        step_lock: taken around every model call, so the backend can serialize them with
+            its other users of the runtime.
+    """
+
+    def __init__(
+        self,
+        decoder: OnnxDecoder,
+        *,
+        vocab_size: int,
+        context_length: int,
+        max_batch: int = 16,
+        step_lock: TurnLock | None = None,
+    ) -> None:
+        self._decoder = decoder
+        self._step_lock = step_lock or TurnLock()
+        self._vocab_size = vocab_size
+        self._context_length = context_length
+        self._max_batch = max_batch
+        self._cache = KVCache(decoder)
+        self._bindings: dict[tuple[int, int], dict[str, Any]] = {}
+        self._condition = threading.Condition()
+        # Guarded by _condition.
+        self._pending: list[_Sequence] = []
+        self._cancelled: set[int] = set()
+        self._stopping = False
+        # Owned by the engine thread: running sequences in cache row order, and the one whose
+        # prompt is half-way through its prefill.
+        self._running: list[_Sequence] = []
+        self._prefilling: _Sequence | None = None
+        self._keys = itertools.count()
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="llmctl-batch", daemon=True)
+        self._thread.start()
+
+    @property
+    def active_requests(self) -> int:
+        """Sequences waiting, being prefilled or decoding; for tests and metrics."""
+        with self._condition:
+            return len(self._pending) + len(self._running) + (self._prefilling is not None)
+
+    def generate(self, prompt: list[int], budget: int, params: SamplingParams, eos_ids: Iterable[int]) -> Iterator[GenerationStep]:
+        """Yield the steps of one generation; closing the iterator early cancels it.
+
+        ``budget`` tokens at most; ``prompt`` plus ``budget`` must fit the context length.
+        """
+        eos = list(eos_ids)
+        sequence = _Sequence(
+            key=next(self._keys),
+            prompt=prompt,
+            budget=budget,
+            sampler=Sampler(params, self._vocab_size, eos),
+            stop_ids=frozenset() if params.ignore_eos else frozenset(eos),
+        )
+        return self._stream(sequence)
+
+    def _stream(self, sequence: _Sequence) -> Iterator[GenerationStep]:
+        if sequence.budget <= 0:
+            return
+        with self._condition:
+            if self._stopping:
+                raise RuntimeBackendError("the model is being unloaded", hint="retry once the server is back")
+            self._pending.append(sequence)
+            self._condition.notify()
+        finished = False
+        try:
+            while not finished:
+                item = sequence.tokens.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+        finally:
+            if not finished:
+                with self._condition:
+                    self._cancelled.add(sequence.key)
+                    self._condition.notify()
+
+    def stop(self) -> None:
+        """Stop the thread; sequences still running get an error."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join(timeout=30)
+
+    # The engine thread.
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not (self._pending or self._running or self._prefilling or self._stopping):
+                    self._condition.wait()
+                if self._stopping:
+                    break
+                self._drop_cancelled()
+                if self._prefilling is None and self._pending and len(self._running) < self._max_batch:
+                    self._prefilling = self._pending.pop(0)
+            try:
+                if self._prefilling is not None:
+                    self._prefill_chunk()
+                if self._running:
+                    self._decode()
+            except Exception as error:  # a failed model call fails the sequences in it, not the thread
+                logger.exception("batched decode step failed; failing %d sequences", len(self._running) + 1)
+                self._fail_all(error)
+            if not self._running and self._prefilling is None and self._cache.nbytes > IDLE_CACHE_BYTES:
+                self._cache.release()
+                self._bindings.clear()
+
+        error = RuntimeBackendError("the model was unloaded during generation", hint="retry once the server is back")
+        with self._condition:
+            waiting, self._pending = self._pending, []
+        for sequence in waiting:
+            sequence.tokens.put(error)
+        self._fail_all(error)
+
+    def _drop_cancelled(self) -> None:
+        """Remove cancelled sequences; called with the condition held."""
+        if not self._cancelled:
+            return
+        cancelled, self._cancelled = self._cancelled, set()
+        self._pending = [s for s in self._pending if s.key not in cancelled]
+        if self._prefilling is not None and self._prefilling.key in cancelled:
+            self._prefilling = None
+        for row in reversed(range(len(self._running))):
+            if self._running[row].key in cancelled:
+                self._remove_row(row)
+
+    def _remove_row(self, row: int) -> None:
+        last = len(self._running) - 1
+        if row != last:
+            self._cache.move_row(last, row, self._running[last].length)
+            self._running[row] = self._running[last]
+        self._running.pop()
+        # A prompt part-way through its prefill sits in the row after the running ones.
+        if self._prefilling is not None and self._prefilling.length:
+            self._cache.move_row(last + 1, last, self._prefilling.length)
+
+    def _fail_all(self, error: BaseException) -> None:
+        failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
+        with self._condition:
+            self._running, self._prefilling = [], None
+        for sequence in failed:
+            sequence.tokens.put(error)
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the prompt being prefilled, into the row after the running ones."""
+        sequence = self._prefilling
+        assert sequence is not None
+        row = len(self._running)
+        start = sequence.length
+        chunk = sequence.prompt[start : start + PREFILL_CHUNK]
+        end = start + len(chunk)
+        self._reserve(row + 1, end)
+        ids = np.asarray([chunk], dtype=np.int64)
+        mask = np.ones((1, end), dtype=np.int64)
+        logits = self._run_model(ids, mask, row, row + 1)
+        sequence.length = end
+        if end < len(sequence.prompt):
+            return
+        with self._condition:
+            self._prefilling = None
+            self._running.append(sequence)
+        self._emit(row, logits[0, -1])
+
+    def _decode(self) -> None:
+        rows = len(self._running)
+        lengths = np.fromiter((s.length for s in self._running), dtype=np.int64, count=rows)
+        total = int(lengths.max()) + 1
+        self._reserve(rows, total)
+        ids = np.fromiter((s.last_token for s in self._running), dtype=np.int64, count=rows).reshape(rows, 1)
+        mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+        logits = self._run_model(ids, mask, 0, rows)
+        self.steps += 1
+        for sequence in self._running:
+            sequence.length += 1
+        # Backwards, so removing a finished row moves only rows already handled.
+        for row in reversed(range(rows)):
+            self._emit(row, logits[row, -1])
+
+    def _emit(self, row: int, logits: np.ndarray) -> None:
+        """Sample the next token of the sequence in ``row``, hand it out, and remove the sequence when it is done."""
+        sequence = self._running[row]
+        token, logprob = sequence.sampler.step(logits)
+        sequence.generated += 1
+        sequence.last_token = token
+        finish = None
+        if token in sequence.stop_ids:
+            finish = "stop"
+        elif sequence.generated >= sequence.budget:
+            finish = "length"
+        sequence.tokens.put(GenerationStep(token, logprob, finish))
+        if finish is not None:
+            with self._condition:
+                self._remove_row(row)
+
+    def _reserve(self, rows: int, positions: int) -> None:
+        if self._cache.reserve(rows, positions, self._context_length):
+            self._bindings.clear()
+
+    def _run_model(self, ids: np.ndarray, mask: np.ndarray, first_row: int, end_row: int) -> np.ndarray:
+        """Run ``ids`` for cache rows ``first_row:end_row``; return the logits, ``(rows, tokens, vocab)``."""
+        decoder = self._decoder
+        binding = self._binding(first_row, end_row)
+        binding.bind_cpu_input("input_ids", ids.astype(decoder.ids_dtype, copy=False))
+        if decoder.mask_dtype is not None:
+            binding.bind_cpu_input("attention_mask", mask.astype(decoder.mask_dtype, copy=False))
+        if "position_ids" in decoder.input_names:
+            positions = mask.sum(axis=1, keepdims=True) - ids.shape[1] + np.arange(ids.shape[1])[None, :]
+            binding.bind_cpu_input("position_ids", positions.astype(np.int64))
+        with self._step_lock:
+            decoder.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
+
+    def _binding(self, first_row: int, end_row: int) -> Any:
+        """Return a fresh IO binding whose cache inputs and outputs are the same rows of the shared buffers."""
+        import onnxruntime as ort
+
+        key = (first_row, end_row)
+        values = self._bindings.get(key)
+        if values is None:
+            # A view of whole leading rows is contiguous, so ONNX Runtime reads and writes the
+            # shared buffer itself rather than a copy.
+            values = {
+                name: ort.OrtValue.ortvalue_from_numpy(self._cache.arrays[name][first_row:end_row])
+                for name in self._decoder.past_names
+            }
+            self._bindings[key] = values
+        decoder = self._decoder
+        # A new binding each call: a reused one keeps the previous call's logits shape.
+        binding = decoder.session.io_binding()
+        binding.bind_output("logits")  # first, so it is get_outputs()[0]
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(decoder.present_for_past[name], value)
+        return binding

@@ -1,0 +1,169 @@
+"""The continuous-batching engine on a tiny GenAI-builder model: batched steps give the same
+tokens as one sequence at a time, through joins, leaves, chunked prompts and cache growth."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from llmctl.errors import RuntimeBackendError
+from llmctl.runtime import batching, open_backend
+from llmctl.runtime.base import SamplingParams
+from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
+from llmctl.runtime.ort import find_decoder_file
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_genai: Path):
+    """The same graph run one sequence at a time, each with its own cache."""
+    backend = open_backend(tiny_llama_genai, "ort", continuous_batching=False)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture()
+def engine(reference):
+    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length)
+    yield engine
+    engine.stop()
+
+
+def _greedy(max_tokens: int, **extra) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)
+
+
+def _tokens(stream) -> list[int]:
+    return [step.token_id for step in stream]
+
+
+def _run_together(engine: BatchEngine, jobs: list[tuple[list[int], SamplingParams]], lock: TurnLock | None = None) -> list[list[int]]:
+    """Generate every job from its own thread; with ``lock`` (the engine's step lock), every
+    job is queued before the engine runs its first model call."""
+    results: list[list[int]] = [[] for _ in jobs]
+
+    def run(index: int) -> None:
+        prompt, params = jobs[index]
+        results[index] = _tokens(engine.generate(prompt, params.max_tokens, params, []))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    if lock is None:
+        for thread in threads:
+            thread.start()
+    else:
+        with lock:
+            for thread in threads:
+                thread.start()
+            for _ in range(500):
+                if engine.active_requests == len(jobs):
+                    break
+                threading.Event().wait(0.01)
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+def _jobs(reference) -> list[tuple[list[int], SamplingParams]]:
+    texts = ["alpha", "The quick brown fox jumps over the lazy dog " * 3, "Unicode text", "a b c d e f g h i j k l"]
+    # Different lengths, so sequences join and leave while others run.
+    return [(reference.encode(text), _greedy(6 + 9 * i)) for i, text in enumerate(texts)]
+
+
+def test_builder_graph_updates_cache_in_place(tiny_llama_genai: Path, tiny_llama_ort: Path) -> None:
+    assert updates_cache_in_place(find_decoder_file(tiny_llama_genai))
+    assert not updates_cache_in_place(find_decoder_file(tiny_llama_ort))
+
+
+def test_batched_tokens_match_one_at_a_time(reference, engine) -> None:
+    jobs = _jobs(reference)
+    expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
+    assert _run_together(engine, jobs) == expected
+    assert engine.active_requests == 0
+
+
+def test_chunked_prompts_and_cache_growth_keep_tokens(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prompts span several chunks and the cache grows several times while rows join and leave.
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(batching, "CAPACITY_STEP", 4)
+    jobs = _jobs(reference)
+    expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
+    assert _run_together(engine, jobs) == expected
+
+
+def test_row_leaving_during_a_chunked_prompt_keeps_tokens(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every prompt takes several chunks and every budget is short, so each sequence finishes
+    # while the next one's prompt is half-way in: the half-filled row must move with it.
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length, step_lock=lock)
+    try:
+        prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 2)
+        jobs = [(prompt[i:], _greedy(2 + i)) for i in range(4)]
+        expected = [_tokens(reference.generate(p, params)) for p, params in jobs]
+        assert _run_together(engine, jobs, lock) == expected
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_matches_one_at_a_time(reference, engine) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, logprobs=2, frequency_penalty=0.5)
+    prompt = reference.encode("Once upon a time")
+    expected = list(reference.generate(prompt, params))
+    steps = list(engine.generate(prompt, params.max_tokens, params, []))
+    assert [s.token_id for s in steps] == [s.token_id for s in expected]
+    assert steps[0].logprob is not None
+    assert steps[0].logprob.logprob == pytest.approx(expected[0].logprob.logprob, abs=1e-5)
+
+
+def test_end_of_sequence_ends_only_its_row(reference, engine) -> None:
+    prompt = reference.encode("alpha beta")
+    greedy = _tokens(reference.generate(prompt, _greedy(12)))
+    stop_at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])
+
+    stopping = list(engine.generate(prompt, 12, SamplingParams(max_tokens=12, temperature=0), [greedy[stop_at]]))
+    assert [s.token_id for s in stopping] == greedy[: stop_at + 1]
+    assert stopping[-1].finish_reason == "stop"
+    long = engine.generate(prompt, 40, _greedy(40), [greedy[stop_at]])
+    assert len(list(long)) == 40
+
+
+def test_closing_a_stream_frees_its_row(reference, engine) -> None:
+    prompt = reference.encode("alpha")
+    stream = engine.generate(prompt, 500, _greedy(500), [])
+    next(stream)
+    stream.close()
+    for _ in range(200):
+        if engine.active_requests == 0:
+            break
+        threading.Event().wait(0.01)
+    assert engine.active_requests == 0
+    # The engine keeps serving after the cancelled sequence left.
+    assert _tokens(engine.generate(prompt, 3, _greedy(3), [])) == _tokens(reference.generate(prompt, _greedy(3)))
+
+
+def test_failed_step_fails_its_sequences_and_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_model = engine._run_model
+    calls = {"n": 0}
+
+    def fail_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated onnxruntime failure")
+        return run_model(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_model", fail_once)
+    prompt = reference.encode("alpha")
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(engine.generate(prompt, 4, _greedy(4), []))
+    assert _tokens(engine.generate(prompt, 4, _greedy(4), [])) == _tokens(reference.generate(prompt, _greedy(4)))
+
+
+def test_stopped_engine_rejects_new_sequences(reference) -> None:
+    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length)
+    engine.stop()
+    with pytest.raises(RuntimeBackendError, match="unloaded"):
+        list(engine.generate(reference.encode("alpha"), 4, _greedy(4), []))
