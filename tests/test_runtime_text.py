@@ -30,6 +30,15 @@ def test_sampler_greedy_is_argmax() -> None:
     assert logprob is None
 
 
+def test_sampler_greedy_skips_masked_end_of_sequence() -> None:
+    logits = _logits()
+    best = int(np.argmax(logits))
+    sampler = Sampler(SamplingParams(temperature=0, ignore_eos=True), 50, eos_token_ids=[best])
+    token, _ = sampler.step(logits)
+    assert token != best
+    assert token == int(np.argsort(logits)[-2])
+
+
 def test_sampler_logit_bias_forces_token() -> None:
     sampler = Sampler(SamplingParams(temperature=0, logit_bias={7: 100.0}), 50)
     assert sampler.step(_logits())[0] == 7

@@ -63,6 +63,10 @@ class Sampler:
                 if 0 <= int(token_id) < vocab_size:
                     self._bias[int(token_id)] = float(bias)
         self._masked = [t for t in eos_token_ids if 0 <= t < vocab_size] if params.ignore_eos else []
+        self._plain_greedy = (
+            params.temperature <= 0 and params.logprobs is None and not params.logit_bias
+            and not params.presence_penalty and not params.frequency_penalty
+        )
 
     def step(self, logits: np.ndarray) -> tuple[int, TokenLogprob | None]:
         """Choose the next token from one position's logits.
@@ -73,6 +77,14 @@ class Sampler:
         Returns:
             The token id and, when ``params.logprobs`` is set, its log-probability.
         """
+        if self._plain_greedy:
+            # Greedy decoding with nothing to adjust needs neither float64 nor a copy, which
+            # matters when one thread samples every sequence of a batch. A masked winner
+            # (an end-of-sequence token under ignore_eos) takes the full path.
+            token = int(np.argmax(np.asarray(logits).reshape(-1)[: self.vocab_size]))
+            if token not in self._masked:
+                self._counts[token] += 1
+                return token, None
         raw = np.asarray(logits, dtype=np.float64).reshape(-1)[: self.vocab_size]
         token = self._choose(self._process(raw))
         self._counts[token] += 1
