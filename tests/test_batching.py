@@ -78,14 +78,14 @@ def test_builder_graph_updates_cache_in_place(tiny_llama_genai: Path, tiny_llama
     assert not updates_cache_in_place(find_decoder_file(tiny_llama_ort))
 
 
-def test_batched_tokens_match_one_at_a_time(reference, engine) -> None:
+def test_batched_tokens_match_sequential(reference, engine) -> None:
     jobs = _jobs(reference)
     expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
     assert _run_together(engine, jobs) == expected
     assert engine.active_requests == 0
 
 
-def test_chunked_prompts_and_cache_growth_keep_tokens(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_prompts_keep_tokens(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prompts span several chunks and the cache grows several times while rows join and leave.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
     monkeypatch.setattr(batching, "CAPACITY_STEP", 4)
@@ -94,7 +94,7 @@ def test_chunked_prompts_and_cache_growth_keep_tokens(reference, engine, monkeyp
     assert _run_together(engine, jobs) == expected
 
 
-def test_row_leaving_during_a_chunked_prompt_keeps_tokens(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) -> None:
     # Every prompt takes several chunks and every budget is short, so each sequence finishes
     # while the next one's prompt is half-way in: the half-filled row must move with it.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
@@ -109,7 +109,7 @@ def test_row_leaving_during_a_chunked_prompt_keeps_tokens(reference, monkeypatch
         engine.stop()
 
 
-def test_seeded_sampling_matches_one_at_a_time(reference, engine) -> None:
+def test_seeded_sampling_matches_sequential(reference, engine) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, logprobs=2, frequency_penalty=0.5)
     prompt = reference.encode("Once upon a time")
     expected = list(reference.generate(prompt, params))
@@ -119,7 +119,7 @@ def test_seeded_sampling_matches_one_at_a_time(reference, engine) -> None:
     assert steps[0].logprob.logprob == pytest.approx(expected[0].logprob.logprob, abs=1e-5)
 
 
-def test_end_of_sequence_ends_only_its_row(reference, engine) -> None:
+def test_eos_ends_only_its_row(reference, engine) -> None:
     prompt = reference.encode("alpha beta")
     greedy = _tokens(reference.generate(prompt, _greedy(12)))
     stop_at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])
@@ -131,7 +131,7 @@ def test_end_of_sequence_ends_only_its_row(reference, engine) -> None:
     assert len(list(long)) == 40
 
 
-def test_closing_a_stream_frees_its_row(reference, engine) -> None:
+def test_closed_stream_frees_row(reference, engine) -> None:
     prompt = reference.encode("alpha")
     stream = engine.generate(prompt, 500, _greedy(500), [])
     next(stream)
@@ -145,7 +145,7 @@ def test_closing_a_stream_frees_its_row(reference, engine) -> None:
     assert _tokens(engine.generate(prompt, 3, _greedy(3), [])) == _tokens(reference.generate(prompt, _greedy(3)))
 
 
-def test_failed_step_fails_its_sequences_and_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
     run_model = engine._run_model
     calls = {"n": 0}
 
@@ -162,7 +162,7 @@ def test_failed_step_fails_its_sequences_and_engine_recovers(reference, engine, 
     assert _tokens(engine.generate(prompt, 4, _greedy(4), [])) == _tokens(reference.generate(prompt, _greedy(4)))
 
 
-def test_stopped_engine_rejects_new_sequences(reference) -> None:
+def test_stopped_engine_rejects_sequences(reference) -> None:
     engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length)
     engine.stop()
     with pytest.raises(RuntimeBackendError, match="unloaded"):

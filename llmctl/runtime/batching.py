@@ -1,10 +1,10 @@
 """Continuous batching over one decoder graph whose attention updates its KV cache in place.
 
 The GenAI model builder emits ``GroupQueryAttention``, which reads each sequence's length
-from the row sums of ``attention_mask`` and, when a ``past_key_values`` input and its
-``present`` output are bound to the same buffer, writes the new keys and values into that
-buffer at each sequence's own offset. So one buffer per cache tensor, shaped
-``(rows, kv_heads, capacity, head_dim)``, holds every running sequence right-padded:
+from the row sums of ``attention_mask``. When a ``past_key_values`` input and its ``present``
+output are bound to the same buffer, it writes the new keys and values into that buffer at
+each sequence's own offset. So one buffer per cache tensor, shaped
+``(rows, kv_heads, capacity, head_dim)``, contains every running sequence right-padded:
 
 - a decode step runs every running sequence as one batch of one token each, so the weights
   are read once per step for all of them;
@@ -23,6 +23,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -91,6 +92,18 @@ class TurnLock:
 
 
 @dataclass
+class EngineStats:
+    """Time the engine spent in model calls, for benchmarks; written by the engine thread only."""
+
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+    prefill_calls: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+
+
+@dataclass
 class _Sequence:
     """One generation in the engine. Fields past ``tokens`` belong to the engine thread."""
 
@@ -108,8 +121,8 @@ class _Sequence:
 class KVCache:
     """The shared cache buffers: one ``(rows, kv_heads, capacity, head_dim)`` array per cache input.
 
-    Row ``i`` holds the ``i``-th running sequence; positions past its length hold stale values
-    that attention never reads.
+    Row ``i`` contains the ``i``-th running sequence. Positions past its length contain stale
+    values that attention does not read.
     """
 
     def __init__(self, decoder: OnnxDecoder) -> None:
@@ -161,8 +174,8 @@ class BatchEngine:
     Args:
         decoder: a decoder whose graph updates its cache in place (``updates_cache_in_place``).
         vocab_size: the width of the logits the sampler reads.
-        context_length: the most positions one sequence may use.
-        max_batch: the most sequences in one decode step; later ones wait for a free row.
+        context_length: the maximum number of positions of one sequence.
+        max_batch: the maximum number of sequences in one decode step; later ones wait for a free row.
         step_lock: taken around every model call, so the backend can serialize them with
             its other users of the runtime.
     """
@@ -193,9 +206,14 @@ class BatchEngine:
         self._running: list[_Sequence] = []
         self._prefilling: _Sequence | None = None
         self._keys = itertools.count()
-        self.steps = 0
+        self.stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="llmctl-batch", daemon=True)
         self._thread.start()
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run so far."""
+        return self.stats.decode_steps
 
     @property
     def active_requests(self) -> int:
@@ -319,7 +337,11 @@ class BatchEngine:
         self._reserve(row + 1, end)
         ids = np.asarray([chunk], dtype=np.int64)
         mask = np.ones((1, end), dtype=np.int64)
+        started = time.perf_counter()
         logits = self._run_model(ids, mask, row, row + 1)
+        self.stats.prefill_calls += 1
+        self.stats.prefill_tokens += len(chunk)
+        self.stats.prefill_s += time.perf_counter() - started
         sequence.length = end
         if end < len(sequence.prompt):
             return
@@ -335,8 +357,11 @@ class BatchEngine:
         self._reserve(rows, total)
         ids = np.fromiter((s.last_token for s in self._running), dtype=np.int64, count=rows).reshape(rows, 1)
         mask = (np.arange(total)[None, :] <= lengths[:, None]).astype(np.int64)
+        started = time.perf_counter()
         logits = self._run_model(ids, mask, 0, rows)
-        self.steps += 1
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += rows
+        self.stats.decode_s += time.perf_counter() - started
         for sequence in self._running:
             sequence.length += 1
         # Backwards, so removing a finished row moves only rows already handled.

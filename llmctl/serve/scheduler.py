@@ -3,8 +3,9 @@
 At most ``max_concurrency`` requests hold a slot at once; up to ``max_queue`` more wait for
 one in arrival order, and any request past that is rejected with 429 at once rather than
 queued without bound. Each sequence runs ``Backend.generate`` in a thread of its own, so
-several sequences are in flight together: a backend with continuous batching (the GenAI
-engine) batches them, the others serialize internally per step.
+several sequences are in flight together: a backend with continuous batching
+(``llmctl.runtime.batching``) runs them in shared decode steps, the others interleave their
+own steps.
 """
 
 from __future__ import annotations
