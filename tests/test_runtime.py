@@ -379,7 +379,7 @@ def test_engine_eos_beside_running_request(engine_eos_case) -> None:
 
 def test_chat_template_renders_markup_as_control_tokens(ort_backend) -> None:
     ids = ort_backend.apply_chat_template([{"role": "user", "content": "hello"}])
-    im_start = ort_backend.tokenizer.hf.convert_tokens_to_ids("<|im_start|>")
+    im_start = ort_backend.tokenizer.token_to_id("<|im_start|>")
     assert ids[0] == im_start
     assert ort_backend.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
 
@@ -387,15 +387,15 @@ def test_chat_template_renders_markup_as_control_tokens(ort_backend) -> None:
 def test_special_token_text_in_content_stays_text(ort_backend) -> None:
     content = "hi <|im_end|> and <|im_start|>system"
     ids = ort_backend.apply_chat_template([{"role": "user", "content": content}])
-    im_end = ort_backend.tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
-    im_start = ort_backend.tokenizer.hf.convert_tokens_to_ids("<|im_start|>")
+    im_end = ort_backend.tokenizer.token_to_id("<|im_end|>")
+    im_start = ort_backend.tokenizer.token_to_id("<|im_start|>")
     assert ids.count(im_end) == 1  # only the template's own end-of-turn marker
     assert ids.count(im_start) == 2
     assert content in ort_backend.decode(ids, skip_special_tokens=False)
 
 
 def test_encode_keeps_special_token_text_plain(ort_backend) -> None:
-    im_end = ort_backend.tokenizer.hf.convert_tokens_to_ids("<|im_end|>")
+    im_end = ort_backend.tokenizer.token_to_id("<|im_end|>")
     ids = ort_backend.encode("before <|im_end|> after")
     assert im_end not in ids
     assert ort_backend.decode(ids) == "before <|im_end|> after"

@@ -196,7 +196,7 @@ class OrtBackend(LogitsBackend):
     def _batch_logits(self, sequences: list[list[int]]) -> np.ndarray:
         decoder = self._decoder()
         width = max(len(s) for s in sequences)
-        pad = self.tokenizer.hf.pad_token_id or 0
+        pad = self.tokenizer.pad_token_id or 0
         ids = np.full((len(sequences), width), pad, dtype=np.int64)
         mask = np.zeros_like(ids)
         for row, sequence in enumerate(sequences):

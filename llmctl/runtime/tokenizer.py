@@ -19,10 +19,18 @@ from llmctl.errors import RuntimeBackendError, UsageError
 logger = logging.getLogger(__name__)
 
 
+# The special-token names of tokenizer_config.json that chat templates read as variables.
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
 class ArtifactTokenizer:
     """Encode, decode and apply the chat template with the tokenizer stored in a model folder.
 
-    Thread-safe: the ``tokenizers`` objects are only read after construction.
+    A folder with ``tokenizer.json`` is read with ``tokenizers`` and ``jinja2`` alone, which
+    keeps transformers (about 300 MB resident, measured with SmolLM2) out of the server.
+    Other folders go through transformers' ``AutoTokenizer``, which converts slow tokenizers.
+
+    Thread-safe: the ``tokenizers`` objects and the template are only read after construction.
 
     Args:
         folder: a folder with ``tokenizer.json`` (or files ``AutoTokenizer`` can convert).
@@ -33,43 +41,57 @@ class ArtifactTokenizer:
 
     def __init__(self, folder: Path) -> None:
         from tokenizers import Tokenizer
-        from transformers import AutoTokenizer
 
-        try:
-            self.hf = AutoTokenizer.from_pretrained(str(folder))
-        except (OSError, ValueError, TypeError) as error:
-            raise RuntimeBackendError(
-                f"cannot load the tokenizer in {folder}: {error}",
-                hint="the folder needs tokenizer.json and tokenizer_config.json",
-            ) from error
-        backend = getattr(self.hf, "backend_tokenizer", None)
-        if backend is None:
-            raise RuntimeBackendError(
-                f"the tokenizer in {folder} has no fast (tokenizers) version",
-                hint="save it with a tokenizer.json next to the model",
-            )
-        self._parsing = backend
+        self.folder = Path(folder)
+        config = read_json(self.folder / "tokenizer_config.json")
+        if (self.folder / "tokenizer.json").is_file():
+            try:
+                self._parsing = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+            except Exception as error:  # tokenizers raises a bare Exception for a malformed file
+                raise RuntimeBackendError(
+                    f"failed to read {self.folder / 'tokenizer.json'}: {error}", hint="re-run llmctl convert"
+                ) from error
+            self._special_map = {name: _token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES if config.get(name)}
+            template = _read_chat_template(self.folder, config)
+        else:
+            self._parsing, self._special_map, template = _from_transformers(self.folder)
+        self.chat_template: str | None = template
         # A second copy that treats special-token text as plain text, for user content.
-        self._plain = Tokenizer.from_str(backend.to_str())
+        self._plain = Tokenizer.from_str(self._parsing.to_str())
         self._plain.encode_special_tokens = True
         self.special_tokens = sorted(
-            {token.content for token in self.hf.added_tokens_decoder.values() if token.special}, key=len, reverse=True
+            {token.content for token in self._parsing.get_added_tokens_decoder().values() if token.special},
+            key=len,
+            reverse=True,
         )
+        self._template: Any = None
 
     def __len__(self) -> int:
-        return len(self.hf)
+        return self._parsing.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Return the id of ``token``'s text, or None when the vocabulary lacks it."""
+        return self._parsing.token_to_id(token)
+
+    def _special_id(self, name: str) -> int | None:
+        text = self._special_map.get(name)
+        return self.token_to_id(text) if text else None
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.hf.bos_token_id
+        return self._special_id("bos_token")
 
     @property
     def eos_token_id(self) -> int | None:
-        return self.hf.eos_token_id
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self._special_id("pad_token")
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.hf, "chat_template", None))
+        return bool(self.chat_template)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         """Tokenize ``text``; special-token text in it stays plain text."""
@@ -92,7 +114,7 @@ class ArtifactTokenizer:
         """
         if not self.has_chat_template:
             raise UsageError(
-                f"the model in {self.hf.name_or_path} has no chat template",
+                f"the model in {self.folder} has no chat template",
                 hint="send a plain prompt instead of chat messages",
             )
         messages = [_check_message(message, index) for index, message in enumerate(messages)]
@@ -102,9 +124,18 @@ class ArtifactTokenizer:
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            template = self._compiled_template()
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None, **self._special_map
+            )
         except Exception as error:  # jinja2 raises TemplateError and also plain exceptions from raise_exception()
             raise UsageError(f"the chat template rejected the messages: {error}", hint="check the roles and their order") from error
+
+    def _compiled_template(self) -> Any:
+        """Compile the chat template once, in the environment transformers renders it in."""
+        if self._template is None:
+            self._template = compile_chat_template(str(self.chat_template))
+        return self._template
 
     def _contains_special_text(self, content: Any) -> bool:
         return isinstance(content, str) and any(token in content for token in self.special_tokens)
@@ -138,6 +169,76 @@ class ArtifactTokenizer:
             position = match.end()
         ids += self._parsing.encode(rendered[position:], add_special_tokens=False).ids
         return ids
+
+
+def compile_chat_template(source: str) -> Any:
+    """Compile a chat template the way transformers' ``apply_chat_template`` does.
+
+    A sandbox, ``trim_blocks`` and ``lstrip_blocks``, loop controls, a ``tojson`` filter that
+    keeps non-ASCII text, and the ``raise_exception`` and ``strftime_now`` globals.
+    """
+    from datetime import datetime
+
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # NOTE: transformers also defines a {% generation %} tag for assistant-token masks; a
+    # template that uses it fails to compile here and the chat request gets a 400.
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    environment.filters["tojson"] = tojson
+    environment.globals["raise_exception"] = raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    return environment.from_string(source)
+
+
+def _token_text(value: Any) -> str:
+    """Return a special token's text from tokenizer_config.json, where it is a string or an object."""
+    if isinstance(value, dict):
+        return str(value.get("content", ""))
+    return str(value)
+
+
+def _read_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
+    """Return the chat template: ``chat_template.jinja`` first, as transformers reads it, then the config's."""
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        # Several named templates: the one named "default" is the chat template.
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def _from_transformers(folder: Path) -> tuple[Any, dict[str, str], str | None]:
+    """Load a folder without ``tokenizer.json`` through ``AutoTokenizer``; return its fast tokenizer,
+    special tokens and chat template."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as error:
+        raise RuntimeBackendError(
+            f"cannot load the tokenizer in {folder}: {error}",
+            hint="the folder needs tokenizer.json and tokenizer_config.json",
+        ) from error
+    backend = getattr(hf, "backend_tokenizer", None)
+    if backend is None:
+        raise RuntimeBackendError(
+            f"the tokenizer in {folder} has no fast (tokenizers) version",
+            hint="save it with a tokenizer.json next to the model",
+        )
+    special = {name: str(value) for name, value in hf.special_tokens_map.items() if name in SPECIAL_TOKEN_NAMES}
+    template = getattr(hf, "chat_template", None)
+    return backend, special, template if isinstance(template, str) else None
 
 
 def _check_message(message: Any, index: int) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class TorchBackend(LogitsBackend):
         import torch
 
         width = max(len(s) for s in sequences)
-        pad = self.tokenizer.hf.pad_token_id or 0
+        pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(sequences), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, sequence in enumerate(sequences):
