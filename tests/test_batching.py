@@ -27,7 +27,7 @@ def reference(tiny_llama_genai: Path):
 
 @pytest.fixture()
 def engine(reference):
-    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length)
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length)
     yield engine
     engine.stop()
 
@@ -36,18 +36,22 @@ def _greedy(max_tokens: int, **extra) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **extra)
 
 
+def _submit(engine: BatchEngine, backend, prompt: list[int], params: SamplingParams, eos_ids=()):
+    return engine.generate(prompt, params.max_tokens, backend.make_sampler(params), eos_ids, ignore_eos=params.ignore_eos)
+
+
 def _tokens(stream) -> list[int]:
     return [step.token_id for step in stream]
 
 
-def _run_together(engine: BatchEngine, jobs: list[tuple[list[int], SamplingParams]], lock: TurnLock | None = None) -> list[list[int]]:
+def _run_together(engine: BatchEngine, backend, jobs: list[tuple[list[int], SamplingParams]], lock: TurnLock | None = None) -> list[list[int]]:
     """Generate every job from its own thread; with ``lock`` (the engine's step lock), every
     job is queued before the engine runs its first model call."""
     results: list[list[int]] = [[] for _ in jobs]
 
     def run(index: int) -> None:
         prompt, params = jobs[index]
-        results[index] = _tokens(engine.generate(prompt, params.max_tokens, params, []))
+        results[index] = _tokens(_submit(engine, backend, prompt, params))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
     if lock is None:
@@ -81,7 +85,7 @@ def test_builder_graph_updates_cache_in_place(tiny_llama_genai: Path, tiny_llama
 def test_batched_tokens_match_sequential(reference, engine) -> None:
     jobs = _jobs(reference)
     expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
-    assert _run_together(engine, jobs) == expected
+    assert _run_together(engine, reference, jobs) == expected
     assert engine.active_requests == 0
 
 
@@ -91,7 +95,7 @@ def test_chunked_prompts_keep_tokens(reference, engine, monkeypatch: pytest.Monk
     monkeypatch.setattr(batching, "CAPACITY_STEP", 4)
     jobs = _jobs(reference)
     expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
-    assert _run_together(engine, jobs) == expected
+    assert _run_together(engine, reference, jobs) == expected
 
 
 def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -99,12 +103,12 @@ def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) 
     # while the next one's prompt is half-way in: the half-filled row must move with it.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length, step_lock=lock)
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
     try:
         prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 2)
         jobs = [(prompt[i:], _greedy(2 + i)) for i in range(4)]
         expected = [_tokens(reference.generate(p, params)) for p, params in jobs]
-        assert _run_together(engine, jobs, lock) == expected
+        assert _run_together(engine, reference, jobs, lock) == expected
     finally:
         engine.stop()
 
@@ -113,7 +117,7 @@ def test_seeded_sampling_matches_sequential(reference, engine) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, logprobs=2, frequency_penalty=0.5)
     prompt = reference.encode("Once upon a time")
     expected = list(reference.generate(prompt, params))
-    steps = list(engine.generate(prompt, params.max_tokens, params, []))
+    steps = list(_submit(engine, reference, prompt, params))
     assert [s.token_id for s in steps] == [s.token_id for s in expected]
     assert steps[0].logprob is not None
     assert steps[0].logprob.logprob == pytest.approx(expected[0].logprob.logprob, abs=1e-5)
@@ -124,16 +128,16 @@ def test_eos_ends_only_its_row(reference, engine) -> None:
     greedy = _tokens(reference.generate(prompt, _greedy(12)))
     stop_at = next(i for i in range(2, len(greedy)) if greedy[i] not in greedy[:i])
 
-    stopping = list(engine.generate(prompt, 12, SamplingParams(max_tokens=12, temperature=0), [greedy[stop_at]]))
+    stopping = list(_submit(engine, reference, prompt, SamplingParams(max_tokens=12, temperature=0), [greedy[stop_at]]))
     assert [s.token_id for s in stopping] == greedy[: stop_at + 1]
     assert stopping[-1].finish_reason == "stop"
-    long = engine.generate(prompt, 40, _greedy(40), [greedy[stop_at]])
+    long = _submit(engine, reference, prompt, _greedy(40), [greedy[stop_at]])
     assert len(list(long)) == 40
 
 
 def test_closed_stream_frees_row(reference, engine) -> None:
     prompt = reference.encode("alpha")
-    stream = engine.generate(prompt, 500, _greedy(500), [])
+    stream = _submit(engine, reference, prompt, _greedy(500))
     next(stream)
     stream.close()
     for _ in range(200):
@@ -142,7 +146,7 @@ def test_closed_stream_frees_row(reference, engine) -> None:
         threading.Event().wait(0.01)
     assert engine.active_requests == 0
     # The engine keeps serving after the cancelled sequence left.
-    assert _tokens(engine.generate(prompt, 3, _greedy(3), [])) == _tokens(reference.generate(prompt, _greedy(3)))
+    assert _tokens(_submit(engine, reference, prompt, _greedy(3))) == _tokens(reference.generate(prompt, _greedy(3)))
 
 
 def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,12 +162,12 @@ def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.Monk
     monkeypatch.setattr(engine, "_run_model", fail_once)
     prompt = reference.encode("alpha")
     with pytest.raises(RuntimeError, match="simulated"):
-        list(engine.generate(prompt, 4, _greedy(4), []))
-    assert _tokens(engine.generate(prompt, 4, _greedy(4), [])) == _tokens(reference.generate(prompt, _greedy(4)))
+        list(_submit(engine, reference, prompt, _greedy(4)))
+    assert _tokens(_submit(engine, reference, prompt, _greedy(4))) == _tokens(reference.generate(prompt, _greedy(4)))
 
 
 def test_stopped_engine_rejects_sequences(reference) -> None:
-    engine = BatchEngine(reference.decoder, vocab_size=reference.vocab_size, context_length=reference.context_length)
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length)
     engine.stop()
     with pytest.raises(RuntimeBackendError, match="unloaded"):
-        list(engine.generate(reference.encode("alpha"), 4, _greedy(4), []))
+        list(_submit(engine, reference, reference.encode("alpha"), _greedy(4)))

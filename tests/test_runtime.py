@@ -236,6 +236,23 @@ def test_prompt_filling_context_rejected(genai_backend) -> None:
         genai_backend.generate([5] * 256, SamplingParams())
 
 
+@pytest.mark.parametrize("name", ["torch", "ort", "genai", "genai-unbatched", "ort-on-genai-file"])
+def test_json_schema_constrains_output(backends, name: str) -> None:
+    backend = backends[name]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    params = SamplingParams(max_tokens=40, temperature=0.8, seed=1, json_schema=schema)
+    steps = list(backend.generate(backend.encode(PROMPT), params))
+    text = backend.decode([step.token_id for step in steps])
+
+    assert isinstance(json.loads(text)["n"], int)
+    assert steps[-1].finish_reason == "stop"
+
+
+def test_invalid_json_schema_is_input_error(genai_backend) -> None:
+    with pytest.raises(InputError, match="invalid JSON schema"):
+        genai_backend.check_json_schema({"type": "objectx"})
+
+
 @pytest.mark.parametrize("name", ["torch", "ort", "genai"])
 def test_empty_prompt_starts_from_bos(backends, name: str) -> None:
     steps = list(backends[name].generate([], SamplingParams(max_tokens=3, temperature=0)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 from pathlib import Path
 
 import httpx
@@ -125,9 +126,23 @@ def test_smollm2_int4_answers_chat(smollm2_genai_fp32: Path, tmp_path_factory: p
             temperature=0,
         )
         backend = httpx.get(f"{server.url}/v1/models").json()["data"][0]["backend"]
+        schema = {
+            "type": "object",
+            "properties": {"capital": {"type": "string"}},
+            "required": ["capital"],
+            "additionalProperties": False,
+        }
+        structured = server.client().chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France? Reply in JSON."}],
+            max_tokens=40,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "capital", "schema": schema}},
+        )
 
     assert "Paris" in answer.choices[0].message.content
     assert backend == "genai"
+    assert "Paris" in json.loads(structured.choices[0].message.content)["capital"]
 
 
 def _engine_of(api: RunningServer, name: str):

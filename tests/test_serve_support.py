@@ -151,6 +151,9 @@ class WrappedBackend(Backend):
     def apply_chat_template(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         return self.inner.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
 
+    def check_json_schema(self, schema: dict) -> None:
+        self.inner.check_json_schema(schema)
+
     def score(self, token_ids: Sequence[int], *, top_logprobs: int = 0) -> list[TokenLogprob | None]:
         return self.inner.score(token_ids, top_logprobs=top_logprobs)
 

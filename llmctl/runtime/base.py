@@ -56,10 +56,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: no log-probabilities; N >= 0: the chosen token's plus top N
     ignore_eos: bool = False
+    json_schema: dict[str, Any] | None = None  # the output must be JSON matching this schema
 
     def needs_logits(self) -> bool:
         """Return True when a parameter needs the logits in Python rather than a runtime's own sampler."""
-        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0 or self.logprobs is not None
+        return (
+            bool(self.logit_bias)
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.logprobs is not None
+            or self.json_schema is not None
+        )
 
 
 @dataclass
@@ -160,6 +167,15 @@ class Backend(abc.ABC):
         match ``score`` up to float rounding.
         """
         return [self.score(sequence, top_logprobs=top_logprobs) for sequence in sequences]
+
+    def check_json_schema(self, schema: dict[str, Any]) -> None:
+        """Check that generation can be constrained to ``schema``; a backend whose capabilities
+        include ``json_schema`` overrides this.
+
+        Raises:
+            InputError: the schema is invalid or uses a feature the backend cannot enforce.
+        """
+        raise NotImplementedError(f"the {self.name} backend does not constrain output to a JSON schema")
 
     def next_token_logits(self, token_ids: Sequence[int]) -> Any:
         """Return the logits over the vocabulary at every position of ``token_ids`` as a

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmctl.errors import RuntimeBackendError
-from llmctl.runtime.base import GenerationStep, SamplingParams
+from llmctl.runtime.base import GenerationStep
 from llmctl.runtime.sampling import Sampler
 
 if TYPE_CHECKING:
@@ -173,7 +173,6 @@ class BatchEngine:
 
     Args:
         decoder: a decoder whose graph updates its cache in place (``updates_cache_in_place``).
-        vocab_size: the width of the logits the sampler reads.
         context_length: the maximum number of positions of one sequence.
         max_batch: the maximum number of sequences in one decode step; later ones wait for a free row.
         step_lock: taken around every model call, so the backend can serialize them with
@@ -184,14 +183,12 @@ class BatchEngine:
         self,
         decoder: OnnxDecoder,
         *,
-        vocab_size: int,
         context_length: int,
         max_batch: int = 16,
         step_lock: TurnLock | None = None,
     ) -> None:
         self._decoder = decoder
         self._step_lock = step_lock or TurnLock()
-        self._vocab_size = vocab_size
         self._context_length = context_length
         self._max_batch = max_batch
         self._cache = KVCache(decoder)
@@ -221,18 +218,21 @@ class BatchEngine:
         with self._condition:
             return len(self._pending) + len(self._running) + (self._prefilling is not None)
 
-    def generate(self, prompt: list[int], budget: int, params: SamplingParams, eos_ids: Iterable[int]) -> Iterator[GenerationStep]:
+    def generate(
+        self, prompt: list[int], budget: int, sampler: Sampler, eos_ids: Iterable[int], *, ignore_eos: bool = False
+    ) -> Iterator[GenerationStep]:
         """Yield the steps of one generation; closing the iterator early cancels it.
 
         ``budget`` tokens at most; ``prompt`` plus ``budget`` must fit the context length.
+        ``sampler`` picks each token; a token in ``eos_ids`` ends the generation unless
+        ``ignore_eos`` is set.
         """
-        eos = list(eos_ids)
         sequence = _Sequence(
             key=next(self._keys),
             prompt=prompt,
             budget=budget,
-            sampler=Sampler(params, self._vocab_size, eos),
-            stop_ids=frozenset() if params.ignore_eos else frozenset(eos),
+            sampler=sampler,
+            stop_ids=frozenset() if ignore_eos else frozenset(eos_ids),
         )
         return self._stream(sequence)
 

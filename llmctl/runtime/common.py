@@ -10,6 +10,7 @@ import numpy as np
 
 from llmctl.errors import InputError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
+from llmctl.runtime.constraints import JsonGrammar
 from llmctl.runtime.sampling import Sampler, log_softmax, top_entries
 from llmctl.runtime.tokenizer import ArtifactTokenizer, eos_ids_from_folder, read_json
 
@@ -20,6 +21,7 @@ class TokenizerBackend(Backend):
     tokenizer: ArtifactTokenizer
     _eos_ids: list[int]
     _context_length: int
+    _json_grammar: JsonGrammar | None = None
 
     def _load_tokenizer(self) -> None:
         self.tokenizer = ArtifactTokenizer(self.model_path)
@@ -50,6 +52,27 @@ class TokenizerBackend(Backend):
 
     def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def check_json_schema(self, schema: dict[str, Any]) -> None:
+        """Check that generation can be constrained to ``schema``.
+
+        Raises:
+            InputError: the schema is invalid or uses a feature the grammar engine lacks.
+        """
+        self._grammar().compile(schema)
+
+    def make_sampler(self, params: SamplingParams) -> Sampler:
+        """Return the sampler for one generation, constrained to ``params.json_schema`` when set."""
+        constraint = None
+        if params.json_schema is not None:
+            grammar = self._grammar()
+            constraint = grammar.start(grammar.compile(params.json_schema))
+        return Sampler(params, self.vocab_size, self._eos_ids, constraint)
+
+    def _grammar(self) -> JsonGrammar:
+        if self._json_grammar is None:
+            self._json_grammar = JsonGrammar(self.tokenizer.to_json(), self.vocab_size, self._eos_ids)
+        return self._json_grammar
 
     def _prepare_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], int]:
         """Check the prompt against the context and return it with the number of tokens to generate.
@@ -135,7 +158,7 @@ class LogitsBackend(ScoringBackend):
         return self._generate_tokens(ids, budget, params)
 
     def _generate_tokens(self, ids: list[int], budget: int, params: SamplingParams) -> Iterator[GenerationStep]:
-        sampler = Sampler(params, self.vocab_size, self._eos_ids)
+        sampler = self.make_sampler(params)
         eos = set(self._eos_ids)
         if budget == 0:
             return

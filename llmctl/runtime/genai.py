@@ -23,6 +23,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,6 @@ from llmctl.runtime.base import Capabilities, GenerationStep, SamplingParams
 from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
 from llmctl.runtime.common import ScoringBackend
 from llmctl.runtime.ort import OnnxDecoder, find_decoder_file
-from llmctl.runtime.sampling import Sampler
 from llmctl.runtime.tokenizer import read_json
 
 logger = logging.getLogger(__name__)
@@ -58,9 +58,7 @@ class GenAIBackend(ScoringBackend):
         super().__init__(model_path, threads=threads, **options)
         self.batching = bool(options.get("continuous_batching", True))
         self.provider = str(options.get("execution_provider", "cpu"))
-        # NOTE: GeneratorParams.set_guidance (llguidance) could constrain output to a JSON
-        # schema, but it is not wired to SamplingParams yet, so json_schema stays False.
-        self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True)
+        self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, json_schema=True)
         self.model: Any = None
         self._og: Any = None
         # Serializes model calls: GenAI documents no thread-safety for Generator.
@@ -98,11 +96,9 @@ class GenAIBackend(ScoringBackend):
             logger.info("loading %s with onnxruntime for continuous batching", decoder_file)
             self._decoder = OnnxDecoder(decoder_file, threads=self.threads, execution_provider=self.provider)
             self._engine = BatchEngine(
-                self._decoder, vocab_size=self.vocab_size, context_length=self.context_length, step_lock=self._lock
+                self._decoder, context_length=self.context_length, step_lock=self._lock
             )
-            self.capabilities = Capabilities(
-                logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, continuous_batching=True
-            )
+            self.capabilities = replace(self.capabilities, continuous_batching=True)
         else:
             self._genai_model()
 
@@ -142,7 +138,7 @@ class GenAIBackend(ScoringBackend):
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationStep]:
         ids, budget = self._prepare_prompt(prompt_ids, params)
         if self._engine is not None:
-            return self._engine.generate(ids, budget, params, self._eos_ids)
+            return self._engine.generate(ids, budget, self.make_sampler(params), self._eos_ids, ignore_eos=params.ignore_eos)
         if params.needs_logits():
             return self._generate_with_sampler(ids, budget, params)
         return self._generate_native(ids, budget, params)
@@ -197,7 +193,7 @@ class GenAIBackend(ScoringBackend):
     def _generate_with_sampler(self, ids: list[int], budget: int, params: SamplingParams) -> Iterator[GenerationStep]:
         if budget == 0:
             return
-        sampler = Sampler(params, self.vocab_size, self._eos_ids)
+        sampler = self.make_sampler(params)
         with self._lock:
             generator = self._og.Generator(self._genai_model(), self._generator_params(len(ids), budget, params, native=False))
             generator.append_tokens(np.asarray(ids, dtype=np.int32))

@@ -155,7 +155,7 @@ class OrtBackend(LogitsBackend):
     def __init__(self, model_path: Path, *, threads: int = 0, **options: Any) -> None:
         super().__init__(model_path, threads=threads, **options)
         self.decoder: OnnxDecoder | None = None
-        self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True)
+        self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, json_schema=True)
         self._engine: BatchEngine | None = None
         self._lock = TurnLock()
 
@@ -171,7 +171,7 @@ class OrtBackend(LogitsBackend):
         self._load_tokenizer()
         if self.options.get("continuous_batching", True) and provider == "cpu" and updates_cache_in_place(path):
             self._engine = BatchEngine(
-                self.decoder, vocab_size=self.vocab_size, context_length=self.context_length, step_lock=self._lock
+                self.decoder, context_length=self.context_length, step_lock=self._lock
             )
             self.capabilities = replace(self.capabilities, continuous_batching=True)
 
@@ -179,7 +179,7 @@ class OrtBackend(LogitsBackend):
         if self._engine is None:
             return super().generate(prompt_ids, params)
         ids, budget = self._prepare_prompt(prompt_ids, params)
-        return self._engine.generate(ids, budget, params, self._eos_ids)
+        return self._engine.generate(ids, budget, self.make_sampler(params), self._eos_ids, ignore_eos=params.ignore_eos)
 
     def _prefill(self, token_ids: list[int]) -> tuple[np.ndarray, Any]:
         decoder = self._decoder()

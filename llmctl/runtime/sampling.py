@@ -9,10 +9,15 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmctl.errors import RuntimeBackendError
 from llmctl.runtime.base import SamplingParams, TokenLogprob
+
+if TYPE_CHECKING:
+    from llmctl.runtime.constraints import JsonConstraint
 
 
 # Numbers of most likely tokens tried for top-p before sorting the whole vocabulary.
@@ -47,10 +52,19 @@ class Sampler:
         params: the decoding parameters.
         vocab_size: the width of the logits vectors.
         eos_token_ids: tokens masked out when ``params.ignore_eos`` is set.
+        constraint: the grammar state when the output must match a JSON schema; tokens it
+            does not allow are masked out before sampling.
     """
 
-    def __init__(self, params: SamplingParams, vocab_size: int, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab_size: int,
+        eos_token_ids: Iterable[int] = (),
+        constraint: JsonConstraint | None = None,
+    ) -> None:
         self.params = params
+        self._constraint = constraint
         self.vocab_size = vocab_size
         # A None seed draws fresh entropy from the OS, so unseeded requests differ.
         self._rng = np.random.default_rng(params.seed)
@@ -64,7 +78,8 @@ class Sampler:
                     self._bias[int(token_id)] = float(bias)
         self._masked = [t for t in eos_token_ids if 0 <= t < vocab_size] if params.ignore_eos else []
         self._plain_greedy = (
-            params.temperature <= 0 and params.logprobs is None and not params.logit_bias
+            constraint is None
+            and params.temperature <= 0 and params.logprobs is None and not params.logit_bias
             and not params.presence_penalty and not params.frequency_penalty
         )
 
@@ -86,7 +101,15 @@ class Sampler:
                 self._counts[token] += 1
                 return token, None
         raw = np.asarray(logits, dtype=np.float64).reshape(-1)[: self.vocab_size]
-        token = self._choose(self._process(raw))
+        processed = self._process(raw)
+        if self._constraint is not None:
+            allowed = self._constraint.allowed()
+            if not allowed.any():
+                raise RuntimeBackendError("the JSON grammar allows no next token", hint="simplify the schema")
+            processed[~allowed] = -np.inf
+        token = self._choose(processed)
+        if self._constraint is not None:
+            self._constraint.accept(token)
         self._counts[token] += 1
 
         logprob = None

@@ -69,6 +69,10 @@ class ArtifactTokenizer:
     def __len__(self) -> int:
         return self._parsing.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """Return the tokenizer as ``tokenizer.json`` text, for libraries that build their own copy."""
+        return self._parsing.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         """Return the id of ``token``'s text, or None when the vocabulary lacks it."""
         return self._parsing.token_to_id(token)

@@ -21,7 +21,7 @@ class TorchBackend(LogitsBackend):
     """Runs ``AutoModelForCausalLM`` in float32 on the CPU with a KV cache; samples with numpy."""
 
     name = "torch"
-    capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True)
+    capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, json_schema=True)
 
     def __init__(self, model_path: Path, *, threads: int = 0, **options: Any) -> None:
         super().__init__(model_path, threads=threads, **options)

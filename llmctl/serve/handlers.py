@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from llmctl.errors import UsageError
+from llmctl.errors import InputError, UsageError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
+from llmctl.runtime.constraints import schema_for
 from llmctl.serve import protocol as wire
 from llmctl.serve.errors import APIError, bad_request, internal_error, shutting_down
 from llmctl.serve.metrics import ServerMetrics
@@ -135,16 +136,37 @@ def check_capabilities(model: ServedModel, request: wire.SamplingFields, *, logp
     penalties = (request.presence_penalty or 0) != 0 or (request.frequency_penalty or 0) != 0
     if penalties and not capabilities.penalties:
         raise bad_request(f"presence_penalty and frequency_penalty are not supported by {where}", param="presence_penalty")
-    response_format = request.response_format
-    if response_format is not None and response_format.type != "text":
-        # NOTE: SamplingParams has no field for a grammar or schema yet, so even a backend
-        # that reports json_schema support cannot be asked to constrain its output.
+    schema = requested_schema(request)
+    if schema is None:
+        return
+    if not capabilities.json_schema:
         raise bad_request(
-            f"response_format {response_format.type!r} needs constrained decoding, which {where} does not provide; "
+            f"response_format {request.response_format.type!r} needs constrained decoding, which {where} does not provide; "
             "send the request without response_format and ask for JSON in the prompt instead",
             param="response_format",
             code="unsupported_response_format",
         )
+    if request.ignore_eos:
+        raise bad_request(
+            "ignore_eos cannot be combined with response_format: the output ends when the JSON value is complete",
+            param="ignore_eos",
+        )
+    try:
+        backend.check_json_schema(schema)
+    except InputError as error:
+        raise bad_request(str(error), param="response_format") from error
+
+
+def requested_schema(request: wire.SamplingFields) -> dict | None:
+    """Return the JSON schema the request's ``response_format`` asks for, or None for free text."""
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        return None
+    inner = response_format.json_schema
+    try:
+        return schema_for(response_format.type, inner.schema_ if inner is not None else None)
+    except InputError as error:
+        raise bad_request(str(error), param="response_format") from error
 
 
 def resolve_max_tokens(
@@ -196,6 +218,7 @@ def sampling_params(request: wire.SamplingFields, max_tokens: int, logprobs: int
         frequency_penalty=request.frequency_penalty or 0.0,
         logprobs=logprobs,
         ignore_eos=request.ignore_eos,
+        json_schema=requested_schema(request),
     )
 
 
