@@ -68,13 +68,19 @@ def build_artifacts(gguf_path: Path, workdir: Path) -> dict[str, Path]:
 
 
 def wikitext_windows(folder: Path, tokens: int, window: int) -> list[list[int]]:
-    """Tokenize the start of the WikiText-2 test split and cut it into fixed windows."""
+    """Tokenize the start of the WikiText-2 test split and cut it into fixed windows.
+
+    Each window starts with the BOS token when the model has one, as in training: Gemma-3
+    without it scores a perplexity in the hundreds. The BOS position itself is never scored.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = WIKITEXT.read_text(encoding="utf-8")[: tokens * 8]
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    return [ids[start : start + window] for start in range(0, len(ids) - window + 1, window)]
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    step = window - len(prefix)
+    return [prefix + ids[start : start + step] for start in range(0, len(ids) - step + 1, step)]
 
 
 def perplexity(folder: Path, windows: list[list[int]]) -> float:

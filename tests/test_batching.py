@@ -4,6 +4,7 @@ tokens as one sequence at a time, through joins, leaves, chunked prompts and cac
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,13 +150,15 @@ def test_closed_stream_frees_row(reference, engine) -> None:
     assert _tokens(_submit(engine, reference, prompt, _greedy(3))) == _tokens(reference.generate(prompt, _greedy(3)))
 
 
-def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("failing_call", [1, 3])
+def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
+    # Call 1 is the prompt, call 3 a decode step.
     run_model = engine._run_model
     calls = {"n": 0}
 
     def fail_once(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 1:
+        if calls["n"] == failing_call:
             raise RuntimeError("simulated onnxruntime failure")
         return run_model(*args, **kwargs)
 
@@ -164,6 +167,50 @@ def test_failed_step_engine_recovers(reference, engine, monkeypatch: pytest.Monk
     with pytest.raises(RuntimeError, match="simulated"):
         list(_submit(engine, reference, prompt, _greedy(4)))
     assert _tokens(_submit(engine, reference, prompt, _greedy(4))) == _tokens(reference.generate(prompt, _greedy(4)))
+
+
+class _FailingSampler:
+    """Wraps a sampler and raises on its third token, as a grammar with no valid token would."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+        self.calls = 0
+
+    def step(self, logits):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeBackendError("simulated sampler failure")
+        return self.sampler.step(logits)
+
+
+def test_sampler_failure_ends_only_its_sequence(reference) -> None:
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    stop = threading.Event()
+
+    def throttle() -> None:
+        # Every model call waits its turn behind a 5 ms pause, so the healthy sequence is
+        # still running when the failing one fails.
+        while not stop.is_set():
+            with lock:
+                time.sleep(0.005)
+
+    throttler = threading.Thread(target=throttle, daemon=True)
+    throttler.start()
+    try:
+        prompt = reference.encode("alpha beta")
+        params = _greedy(40)
+        expected = _tokens(reference.generate(prompt, params))
+        healthy = _submit(engine, reference, prompt, params)
+        first = next(healthy)
+        failing = engine.generate(prompt, 40, _FailingSampler(reference.make_sampler(params)), [], ignore_eos=True)
+        with pytest.raises(RuntimeBackendError, match="simulated"):
+            list(failing)
+        assert [first.token_id, *_tokens(healthy)] == expected
+    finally:
+        stop.set()
+        throttler.join(timeout=10)
+        engine.stop()
 
 
 def test_stopped_engine_rejects_sequences(reference) -> None:

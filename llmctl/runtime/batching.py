@@ -278,14 +278,18 @@ class BatchEngine:
                 self._drop_cancelled()
                 if self._prefilling is None and self._pending and len(self._running) < self._max_batch:
                     self._prefilling = self._pending.pop(0)
-            try:
-                if self._prefilling is not None:
+            if self._prefilling is not None:
+                try:
                     self._prefill_chunk()
-                if self._running:
+                except Exception as error:  # a failed prompt fails its own sequence, not the batch
+                    logger.exception("prompt of sequence %d failed", self._prefilling.key)
+                    self._fail_prefilling(error)
+            if self._running:
+                try:
                     self._decode()
-            except Exception as error:  # a failed model call fails the sequences in it, not the thread
-                logger.exception("batched decode step failed; failing %d sequences", len(self._running) + 1)
-                self._fail_all(error)
+                except Exception as error:  # a failed decode step fails the sequences in it, not the thread
+                    logger.exception("batched decode step failed; failing %d sequences", len(self._running))
+                    self._fail_all(error)
             if not self._running and self._prefilling is None and self._cache.nbytes > IDLE_CACHE_BYTES:
                 self._cache.release()
                 self._bindings.clear()
@@ -318,6 +322,13 @@ class BatchEngine:
         # A prompt part-way through its prefill sits in the row after the running ones.
         if self._prefilling is not None and self._prefilling.length:
             self._cache.move_row(last + 1, last, self._prefilling.length)
+
+    def _fail_prefilling(self, error: BaseException) -> None:
+        sequence = self._prefilling
+        with self._condition:
+            self._prefilling = None
+        if sequence is not None:
+            sequence.tokens.put(error)
 
     def _fail_all(self, error: BaseException) -> None:
         failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
@@ -371,7 +382,14 @@ class BatchEngine:
     def _emit(self, row: int, logits: np.ndarray) -> None:
         """Sample the next token of the sequence in ``row``, hand it out, and remove the sequence when it is done."""
         sequence = self._running[row]
-        token, logprob = sequence.sampler.step(logits)
+        try:
+            token, logprob = sequence.sampler.step(logits)
+        except Exception as error:  # a sampler failure (a grammar with no valid token) ends only its sequence
+            logger.warning("sampling for sequence %d failed: %s", sequence.key, error)
+            sequence.tokens.put(error)
+            with self._condition:
+                self._remove_row(row)
+            return
         sequence.generated += 1
         sequence.last_token = token
         finish = None
