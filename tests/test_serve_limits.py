@@ -79,6 +79,40 @@ def test_scheduler_cancelled_waiter_leaves_queue() -> None:
     assert asyncio.run(scenario()) == 0
 
 
+def test_scheduler_counts_slots_in_order() -> None:
+    async def scenario() -> list[str]:
+        scheduler = Scheduler(max_concurrency=4, max_queue=4, metrics=ServerMetrics())
+        order: list[str] = []
+        big = await scheduler.acquire(3)
+
+        async def take(name: str, slots: int):
+            slot = await scheduler.acquire(slots)
+            order.append(name)
+            return slot
+
+        pair = asyncio.ensure_future(take("pair", 2))
+        await asyncio.sleep(0)
+        # One slot is free, but the single request queued behind the pair must not overtake it.
+        single = asyncio.ensure_future(take("single", 1))
+        await asyncio.sleep(0)
+        order.append(f"running={scheduler.running}")
+        big.release()
+        held = [await pair, await single]
+        order.append(f"running={scheduler.running}")
+        for slot in held:
+            slot.release()
+        order.append(f"running={scheduler.running}")
+        return order
+
+    assert asyncio.run(scenario()) == ["running=3", "pair", "single", "running=3", "running=0"]
+
+
+def test_scheduler_rejects_more_slots_than_exist() -> None:
+    scheduler = Scheduler(max_concurrency=2, max_queue=4, metrics=ServerMetrics())
+    with pytest.raises(ValueError, match="3 slots of 2"):
+        asyncio.run(scheduler.acquire(3))
+
+
 # ---------------------------------------------------------------- API key and body size
 
 
@@ -180,6 +214,21 @@ def test_queued_request_waits_for_slot(tiny_torch) -> None:
             thread.join(timeout=60)
 
     assert results == [10, 10, 10]
+
+
+def test_request_larger_than_capacity_is_400(tiny_torch) -> None:
+    settings = ServeSettings(max_concurrency=4, max_queue=4)
+
+    with running_server([ModelSpec(WrappedBackend(tiny_torch), name="tiny")], settings) as server:
+        too_many = httpx.post(
+            f"{server.url}/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 2}
+        )
+        fits = server.client().completions.create(model="tiny", prompt=["a", "b"], n=2, max_tokens=2)
+
+    assert too_many.status_code == 400
+    assert "6 sequences (3 prompts x n=2)" in too_many.json()["error"]["message"]
+    assert "--max-concurrency" in too_many.json()["error"]["message"]
+    assert len(fits.choices) == 4
 
 
 # ---------------------------------------------------------------- loading state

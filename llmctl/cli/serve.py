@@ -34,7 +34,7 @@ def serve_command(
         typer.Option("--api-key", envvar="LLMCTL_API_KEY", show_default=False, help="Require 'Authorization: Bearer KEY' on every endpoint but /health."),
     ] = None,
     max_concurrency: Annotated[
-        int | None, typer.Option("--max-concurrency", min=1, help="Requests generating at once; default from the profile.")
+        int | None, typer.Option("--max-concurrency", min=1, help="Sequences generating at once (each prompt and each of n choices counts); default from the profile.")
     ] = None,
     max_queue: Annotated[
         int | None, typer.Option("--max-queue", min=0, help="Requests waiting for a slot before 429; default from the profile.")

@@ -174,7 +174,8 @@ class BatchEngine:
     Args:
         decoder: a decoder whose graph updates its cache in place (``updates_cache_in_place``).
         context_length: the maximum number of positions of one sequence.
-        max_batch: the maximum number of sequences in one decode step; later ones wait for a free row.
+        max_batch: the maximum number of sequences in one decode step; later ones wait for a free
+            row. The server's scheduler admits at most --max-concurrency sequences anyway.
         step_lock: taken around every model call, so the backend can serialize them with
             its other users of the runtime.
     """
@@ -184,7 +185,7 @@ class BatchEngine:
         decoder: OnnxDecoder,
         *,
         context_length: int,
-        max_batch: int = 16,
+        max_batch: int = 64,
         step_lock: TurnLock | None = None,
     ) -> None:
         self._decoder = decoder

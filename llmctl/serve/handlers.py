@@ -222,6 +222,24 @@ def sampling_params(request: wire.SamplingFields, max_tokens: int, logprobs: int
     )
 
 
+async def acquire_slots(scheduler: Scheduler, sequences: int, shape: str, *, param: str) -> Slot:
+    """Take one scheduler slot per sequence, or raise 400 when the request alone needs more than exist.
+
+    Args:
+        scheduler: the server's scheduler.
+        sequences: the sequences the request generates.
+        shape: how the request makes that many, for the message (``"3 prompts x n=4"``).
+        param: the request field named in the error.
+    """
+    if sequences > scheduler.max_concurrency:
+        raise bad_request(
+            f"this request generates {sequences} sequences ({shape}) but the server runs at most "
+            f"{scheduler.max_concurrency} at once (--max-concurrency); split it into smaller requests",
+            param=param,
+        )
+    return await scheduler.acquire(sequences)
+
+
 def check_token_ids(model: ServedModel, token_ids: Sequence[int], param: str) -> None:
     """Reject token ids outside the model's vocabulary (prompt ids, logit_bias keys)."""
     vocab_size = getattr(model.backend, "vocab_size", None)
@@ -432,7 +450,7 @@ class ChatHandler:
         ]
         self.context.metrics.prompt_tokens.labels(model.name).inc(len(prompt_ids))
 
-        slot = await self.context.scheduler.acquire()
+        slot = await acquire_slots(self.context.scheduler, len(sequences), f"n={request.n}", param="n")
         generation = Generation(self.context, model, sequences, slot)
         response_id = wire.new_id("chatcmpl")
         if request.stream:
@@ -528,7 +546,8 @@ class CompletionHandler:
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.context.metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
 
-        slot = await self.context.scheduler.acquire()
+        shape = f"{len(prompts)} prompts x n={request.n}"
+        slot = await acquire_slots(self.context.scheduler, len(sequences), shape, param="prompt" if len(prompts) > 1 else "n")
         scored: list[list[TokenLogprob | None]] = []
         if prompt_logprobs:
             try:

@@ -1,8 +1,8 @@
 """Admission control and the bridge from a backend's blocking token iterator to asyncio.
 
-At most ``max_concurrency`` requests hold a slot at once; up to ``max_queue`` more wait for
-one in arrival order, and any request past that is rejected with 429 at once rather than
-queued without bound. Each sequence runs ``Backend.generate`` in a thread of its own, so
+Each sequence in flight holds a slot, and at most ``max_concurrency`` slots are held at once;
+up to ``max_queue`` requests more wait for theirs in arrival order, and any request past that
+is rejected with 429 at once rather than queued without bound. Each sequence runs ``Backend.generate`` in a thread of its own, so
 several sequences are in flight together: a backend with continuous batching
 (``llmctl.runtime.batching``) runs them in shared decode steps, the others interleave their
 own steps.
@@ -27,11 +27,14 @@ logger = logging.getLogger(__name__)
 
 
 class Scheduler:
-    """Slots for running requests and a bounded FIFO queue for waiting ones.
+    """Slots for running sequences and a bounded FIFO queue for waiting requests.
+
+    A request takes one slot per sequence it generates (its prompts times ``n``), so
+    ``max_concurrency`` bounds the sequences in flight, not just the requests.
 
     Args:
-        max_concurrency: requests that may hold a slot at once.
-        max_queue: requests that may wait for a slot; 0 rejects every request that finds no free slot.
+        max_concurrency: sequences that may hold a slot at once.
+        max_queue: requests that may wait for slots; 0 rejects every request that finds too few free slots.
         metrics: where queue depth and running requests are reported.
         retry_after_s: the ``Retry-After`` value sent with 429.
     """
@@ -44,7 +47,7 @@ class Scheduler:
         self.retry_after_s = retry_after_s
         self._metrics = metrics
         self._running = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     @property
     def running(self) -> int:
@@ -54,62 +57,77 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self) -> Slot:
-        """Wait for a free slot and return it; the caller must ``release()`` it exactly once.
+    async def acquire(self, slots: int = 1) -> Slot:
+        """Wait until ``slots`` slots are free and return them; the caller must ``release()`` them.
 
         Raises:
-            APIError: 429 when every slot is taken and the queue is full.
+            ValueError: ``slots`` is above ``max_concurrency``; check with ``fits`` first.
+            APIError: 429 when too few slots are free and the queue is full.
         """
-        await self._acquire()
+        if not 1 <= slots <= self.max_concurrency:
+            raise ValueError(f"a request cannot take {slots} slots of {self.max_concurrency}")
+        await self._acquire(slots)
         self._metrics.running.inc()
-        return Slot(self)
+        return Slot(self, slots)
 
-    async def _acquire(self) -> None:
-        if self._running < self.max_concurrency and not self._waiters:
-            self._running += 1
+    async def _acquire(self, slots: int) -> None:
+        if self._running + slots <= self.max_concurrency and not self._waiters:
+            self._running += slots
             return
         if len(self._waiters) >= self.max_queue:
             raise queue_full(self.retry_after_s)
 
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (slots, waiter)
+        self._waiters.append(entry)
         self._metrics.queue_depth.inc()
         try:
             await waiter
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
-                self._release()  # the slot was handed over just as the waiter went away
+                self._release(slots)  # the slots were handed over just as the waiter went away
             else:
-                self._waiters.remove(waiter)
+                self._waiters.remove(entry)
+                self._wake()  # a smaller request behind this one may fit now
             raise
         finally:
             self._metrics.queue_depth.dec()
 
-    def _release_slot(self) -> None:
+    def _release_slots(self, slots: int) -> None:
         self._metrics.running.dec()
-        self._release()
+        self._release(slots)
 
-    def _release(self) -> None:
-        # Hand the slot straight to the oldest waiter, so a newcomer cannot overtake the queue.
+    def _release(self, slots: int) -> None:
+        self._running -= slots
+        self._wake()
+
+    def _wake(self) -> None:
+        # Hand free slots to waiters in arrival order, and stop at the first that does not fit,
+        # so a newcomer cannot overtake the queue and a large request is not starved.
         while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            slots, waiter = self._waiters[0]
+            if waiter.done():
+                self._waiters.popleft()
+                continue
+            if self._running + slots > self.max_concurrency:
                 return
-        self._running -= 1
+            self._waiters.popleft()
+            self._running += slots
+            waiter.set_result(None)
 
 
 class Slot:
-    """A held slot; ``release()`` may be called more than once, only the first call counts."""
+    """Held slots; ``release()`` may be called more than once, only the first call counts."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, slots: int = 1) -> None:
         self._scheduler = scheduler
+        self._slots = slots
         self._released = False
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._scheduler._release_slot()
+            self._scheduler._release_slots(self._slots)
 
 
 @dataclass

@@ -11,7 +11,7 @@ class ServeSettings:
 
     Attributes:
         api_key: the key clients must send as ``Authorization: Bearer KEY``; None leaves the API open.
-        max_concurrency: requests generating at once.
+        max_concurrency: sequences generating at once; each prompt and each of n choices counts.
         max_queue: requests waiting for a slot before new ones get 429.
         max_body_bytes: largest request body accepted; larger ones get 413.
         retry_after_s: ``Retry-After`` seconds sent with 429.
