@@ -61,7 +61,7 @@ class Scheduler:
         """Wait until ``slots`` slots are free and return them; the caller must ``release()`` them.
 
         Raises:
-            ValueError: ``slots`` is above ``max_concurrency``; check with ``fits`` first.
+            ValueError: ``slots`` is above ``max_concurrency``, which the caller checks first.
             APIError: 429 when too few slots are free and the queue is full.
         """
         if not 1 <= slots <= self.max_concurrency:
