@@ -114,6 +114,89 @@ def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) 
         engine.stop()
 
 
+def test_short_prompt_overtakes_long_prompt(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    prompts = {
+        "long": reference.encode("The quick brown fox jumps over the lazy dog " * 3),
+        "short": reference.encode("alpha")[:2],
+    }
+    expected = {name: _tokens(reference.generate(prompt, _greedy(3))) for name, prompt in prompts.items()}
+    first_tokens: list[str] = []
+    results: dict[str, list[int]] = {}
+
+    def run(name: str) -> None:
+        stream = _submit(engine, reference, prompts[name], _greedy(3))
+        first = next(stream)
+        first_tokens.append(name)
+        results[name] = [first.token_id, *_tokens(stream)]
+
+    try:
+        with lock:
+            threads = {name: threading.Thread(target=run, args=(name,)) for name in prompts}
+            for name, count in (("long", 1), ("short", 2)):
+                threads[name].start()
+                for _ in range(500):
+                    if engine.active_requests == count:
+                        break
+                    threading.Event().wait(0.01)
+        for thread in threads.values():
+            thread.join(timeout=60)
+    finally:
+        engine.stop()
+
+    assert first_tokens == ["short", "long"]
+    assert results == expected
+
+
+def test_failed_prompt_moves_other_prompt_row(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prompt "a" fails part-way while prompt "b", further down the list, has chunks in its
+    # row: b's row moves into a's and b must still generate the right tokens.
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    prompts = {
+        "a": reference.encode("The quick brown fox jumps over the lazy dog " * 3),
+        "b": reference.encode("Unicode text and more words here"),
+    }
+    expected = _tokens(reference.generate(prompts["b"], _greedy(4)))
+    run_model = engine._run_model
+
+    def fail_on_a(ids, *args):
+        # a's first two chunks run, then b's first (the shortest), then a's third (the
+        # oldest), which fails while b's row already contains a chunk.
+        if ids[0].tolist() == prompts["a"][4:6]:
+            raise RuntimeError("simulated failure of prompt a")
+        return run_model(ids, *args)
+
+    monkeypatch.setattr(engine, "_run_model", fail_on_a)
+    results: dict[str, object] = {}
+
+    def run(name: str) -> None:
+        try:
+            results[name] = _tokens(_submit(engine, reference, prompts[name], _greedy(4)))
+        except RuntimeError as error:
+            results[name] = str(error)
+
+    try:
+        with lock:
+            threads = {name: threading.Thread(target=run, args=(name,)) for name in prompts}
+            for name, count in (("a", 1), ("b", 2)):
+                threads[name].start()
+                for _ in range(500):
+                    if engine.active_requests == count:
+                        break
+                    threading.Event().wait(0.01)
+        for thread in threads.values():
+            thread.join(timeout=60)
+    finally:
+        engine.stop()
+
+    assert results["a"] == "simulated failure of prompt a"
+    assert results["b"] == expected
+
+
 def test_seeded_sampling_matches_sequential(reference, engine) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, logprobs=2, frequency_penalty=0.5)
     prompt = reference.encode("Once upon a time")

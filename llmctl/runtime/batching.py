@@ -8,7 +8,9 @@ each sequence's own offset. So one buffer per cache tensor, shaped
 
 - a decode step runs every running sequence as one batch of one token each, so the weights
   are read once per step for all of them;
-- a new sequence joins between steps: its prompt runs in chunks into a free row;
+- a new sequence joins between steps: its prompt runs in chunks into a free row. Several
+  prompts can be part-way in at once, and the shortest goes first on every other step, so a
+  short request does not wait for a long prompt to finish;
 - a finished or cancelled sequence leaves between steps: the last row moves into its place.
 
 NOTE: written here rather than taken from ``og.Engine``: onnxruntime-genai 0.12.2's engine
@@ -157,8 +159,15 @@ class KVCache:
         return True
 
     def move_row(self, source: int, target: int, length: int) -> None:
+        if length:
+            for array in self.arrays.values():
+                array[target, :, :length] = array[source, :, :length]
+
+    def swap_rows(self, first: int, second: int, first_length: int, second_length: int) -> None:
         for array in self.arrays.values():
-            array[target, :, :length] = array[source, :, :length]
+            saved = array[first, :, :first_length].copy()
+            array[first, :, :second_length] = array[second, :, :second_length]
+            array[second, :, :first_length] = saved
 
     def release(self) -> None:
         self.arrays, self.rows, self.capacity = {}, 0, 0
@@ -199,10 +208,12 @@ class BatchEngine:
         self._pending: list[_Sequence] = []
         self._cancelled: set[int] = set()
         self._stopping = False
-        # Owned by the engine thread: running sequences in cache row order, and the one whose
-        # prompt is half-way through its prefill.
+        # Owned by the engine thread, changed with _condition held: the running sequences in
+        # cache row order, then the sequences whose prompts are part-way in, in the rows after
+        # them (prefilling[j] is in row len(running) + j).
         self._running: list[_Sequence] = []
-        self._prefilling: _Sequence | None = None
+        self._prefilling: list[_Sequence] = []
+        self._iterations = 0
         self._keys = itertools.count()
         self.stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="llmctl-batch", daemon=True)
@@ -217,7 +228,7 @@ class BatchEngine:
     def active_requests(self) -> int:
         """Sequences waiting, being prefilled or decoding; for tests and metrics."""
         with self._condition:
-            return len(self._pending) + len(self._running) + (self._prefilling is not None)
+            return len(self._pending) + len(self._running) + len(self._prefilling)
 
     def generate(
         self, prompt: list[int], budget: int, sampler: Sampler, eos_ids: Iterable[int], *, ignore_eos: bool = False
@@ -277,21 +288,22 @@ class BatchEngine:
                 if self._stopping:
                     break
                 self._drop_cancelled()
-                if self._prefilling is None and self._pending and len(self._running) < self._max_batch:
-                    self._prefilling = self._pending.pop(0)
-            if self._prefilling is not None:
+                while self._pending and len(self._running) + len(self._prefilling) < self._max_batch:
+                    self._prefilling.append(self._pending.pop(0))
+            if self._prefilling:
+                index = self._next_prefill()
                 try:
-                    self._prefill_chunk()
+                    self._prefill_chunk(index)
                 except Exception as error:  # a failed prompt fails its own sequence, not the batch
-                    logger.exception("prompt of sequence %d failed", self._prefilling.key)
-                    self._fail_prefilling(error)
+                    logger.exception("prompt of sequence %d failed", self._prefilling[index].key)
+                    self._fail_prefilling(index, error)
             if self._running:
                 try:
                     self._decode()
                 except Exception as error:  # a failed decode step fails the sequences in it, not the thread
                     logger.exception("batched decode step failed; failing %d sequences", len(self._running))
                     self._fail_all(error)
-            if not self._running and self._prefilling is None and self._cache.nbytes > IDLE_CACHE_BYTES:
+            if not self._running and not self._prefilling and self._cache.nbytes > IDLE_CACHE_BYTES:
                 self._cache.release()
                 self._bindings.clear()
 
@@ -308,45 +320,66 @@ class BatchEngine:
             return
         cancelled, self._cancelled = self._cancelled, set()
         self._pending = [s for s in self._pending if s.key not in cancelled]
-        if self._prefilling is not None and self._prefilling.key in cancelled:
-            self._prefilling = None
+        for index in reversed(range(len(self._prefilling))):
+            if self._prefilling[index].key in cancelled:
+                self._remove_prefilling(index)
         for row in reversed(range(len(self._running))):
             if self._running[row].key in cancelled:
                 self._remove_row(row)
 
     def _remove_row(self, row: int) -> None:
+        """Remove the running sequence in ``row``: the last running row moves into its place."""
         last = len(self._running) - 1
         if row != last:
             self._cache.move_row(last, row, self._running[last].length)
             self._running[row] = self._running[last]
         self._running.pop()
-        # A prompt part-way through its prefill sits in the row after the running ones.
-        if self._prefilling is not None and self._prefilling.length:
-            self._cache.move_row(last + 1, last, self._prefilling.length)
+        # The prompts part-way in now start one row lower: the last of them moves into the
+        # freed row and becomes the first.
+        if self._prefilling:
+            moved = self._prefilling.pop()
+            self._cache.move_row(last + 1 + len(self._prefilling), last, moved.length)
+            self._prefilling.insert(0, moved)
 
-    def _fail_prefilling(self, error: BaseException) -> None:
-        sequence = self._prefilling
+    def _remove_prefilling(self, index: int) -> None:
+        """Remove the sequence whose prompt is part-way in at ``index``: the last one moves into its row."""
+        first_row = len(self._running)
+        last = len(self._prefilling) - 1
+        if index != last:
+            self._cache.move_row(first_row + last, first_row + index, self._prefilling[last].length)
+            self._prefilling[index] = self._prefilling[last]
+        self._prefilling.pop()
+
+    def _fail_prefilling(self, index: int, error: BaseException) -> None:
+        sequence = self._prefilling[index]
         with self._condition:
-            self._prefilling = None
-        if sequence is not None:
-            sequence.tokens.put(error)
+            self._remove_prefilling(index)
+        sequence.tokens.put(error)
 
     def _fail_all(self, error: BaseException) -> None:
-        failed = [*self._running, *([self._prefilling] if self._prefilling else [])]
+        failed = [*self._running, *self._prefilling]
         with self._condition:
-            self._running, self._prefilling = [], None
+            self._running, self._prefilling = [], []
         for sequence in failed:
             sequence.tokens.put(error)
 
-    def _prefill_chunk(self) -> None:
-        """Run the next chunk of the prompt being prefilled, into the row after the running ones."""
-        sequence = self._prefilling
-        assert sequence is not None
-        row = len(self._running)
+    def _next_prefill(self) -> int:
+        """Return the index of the prompt to advance: the one with the fewest tokens left on
+        every other call, the oldest otherwise, so a long prompt still progresses."""
+        self._iterations += 1
+        if self._iterations % 2:
+            return min(range(len(self._prefilling)), key=lambda i: len(self._prefilling[i].prompt) - self._prefilling[i].length)
+        return min(range(len(self._prefilling)), key=lambda i: self._prefilling[i].key)
+
+    def _prefill_chunk(self, index: int) -> None:
+        """Run the next chunk of the prompt at ``index``; a complete prompt joins the running rows."""
+        sequence = self._prefilling[index]
+        first_row = len(self._running)
+        row = first_row + index
         start = sequence.length
         chunk = sequence.prompt[start : start + PREFILL_CHUNK]
         end = start + len(chunk)
-        self._reserve(row + 1, end)
+        self._reserve(first_row + len(self._prefilling), end)
         ids = np.asarray([chunk], dtype=np.int64)
         mask = np.ones((1, end), dtype=np.int64)
         started = time.perf_counter()
@@ -358,9 +391,13 @@ class BatchEngine:
         if end < len(sequence.prompt):
             return
         with self._condition:
-            self._prefilling = None
-            self._running.append(sequence)
-        self._emit(row, logits[0, -1])
+            if index:
+                # Running rows must stay contiguous: the complete prompt takes the first row after them.
+                first = self._prefilling[0]
+                self._cache.swap_rows(row, first_row, sequence.length, first.length)
+                self._prefilling[0], self._prefilling[index] = sequence, first
+            self._running.append(self._prefilling.pop(0))
+        self._emit(first_row, logits[0, -1])
 
     def _decode(self) -> None:
         rows = len(self._running)
