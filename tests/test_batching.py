@@ -3,6 +3,7 @@ tokens as one sequence at a time, through joins, leaves, chunked prompts and cac
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,25 @@ def _run_together(engine: BatchEngine, backend, jobs: list[tuple[list[int], Samp
     return results
 
 
+@contextlib.contextmanager
+def _throttled(lock: TurnLock, pause_s: float = 0.005):
+    """Make every model call wait its turn behind a pause, as a larger model would."""
+    stop = threading.Event()
+
+    def throttle() -> None:
+        while not stop.is_set():
+            with lock:
+                time.sleep(pause_s)
+
+    thread = threading.Thread(target=throttle, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
 def _jobs(reference) -> list[tuple[list[int], SamplingParams]]:
     texts = ["alpha", "The quick brown fox jumps over the lazy dog " * 3, "Unicode text", "a b c d e f g h i j k l"]
     # Different lengths, so sequences join and leave while others run.
@@ -94,6 +114,8 @@ def test_chunked_prompts_keep_tokens(reference, engine, monkeypatch: pytest.Monk
     # Prompts span several chunks and the cache grows several times while rows join and leave.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
     monkeypatch.setattr(batching, "CAPACITY_STEP", 4)
+    # Every cache counts as large, so it also shrinks whenever a long sequence leaves.
+    monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
     jobs = _jobs(reference)
     expected = [_tokens(reference.generate(prompt, params)) for prompt, params in jobs]
     assert _run_together(engine, reference, jobs) == expected
@@ -197,6 +219,33 @@ def test_failed_prompt_moves_other_prompt_row(reference, monkeypatch: pytest.Mon
     assert results["b"] == expected
 
 
+def test_cache_shrinks_after_long_sequence(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
+    monkeypatch.setattr(batching, "CAPACITY_STEP", 8)
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    prompt = reference.encode("alpha")
+    expected = _tokens(reference.generate(prompt, _greedy(40)))
+    long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
+    with _throttled(lock):
+        short = _submit(engine, reference, prompt, _greedy(40))
+        first = next(short)
+        list(_submit(engine, reference, long_prompt, _greedy(2)))
+        shrunk_while_running = False
+        for _ in range(100):
+            if engine.active_requests != 1:
+                break
+            if engine._cache.capacity < len(long_prompt):
+                shrunk_while_running = True
+                break
+            time.sleep(0.002)
+        rest = _tokens(short)
+    engine.stop()
+
+    assert [first.token_id, *rest] == expected
+    assert shrunk_while_running
+
+
 def test_seeded_sampling_matches_sequential(reference, engine) -> None:
     params = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, logprobs=2, frequency_penalty=0.5)
     prompt = reference.encode("Once upon a time")
@@ -269,31 +318,20 @@ class _FailingSampler:
 def test_sampler_failure_ends_only_its_sequence(reference) -> None:
     lock = TurnLock()
     engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
-    stop = threading.Event()
-
-    def throttle() -> None:
-        # Every model call waits its turn behind a 5 ms pause, so the healthy sequence is
-        # still running when the failing one fails.
-        while not stop.is_set():
-            with lock:
-                time.sleep(0.005)
-
-    throttler = threading.Thread(target=throttle, daemon=True)
-    throttler.start()
-    try:
-        prompt = reference.encode("alpha beta")
-        params = _greedy(40)
-        expected = _tokens(reference.generate(prompt, params))
+    prompt = reference.encode("alpha beta")
+    params = _greedy(40)
+    expected = _tokens(reference.generate(prompt, params))
+    # Throttled, so the healthy sequence is still running when the failing one fails.
+    with _throttled(lock):
         healthy = _submit(engine, reference, prompt, params)
         first = next(healthy)
         failing = engine.generate(prompt, 40, _FailingSampler(reference.make_sampler(params)), [], ignore_eos=True)
         with pytest.raises(RuntimeBackendError, match="simulated"):
             list(failing)
-        assert [first.token_id, *_tokens(healthy)] == expected
-    finally:
-        stop.set()
-        throttler.join(timeout=10)
-        engine.stop()
+        rest = _tokens(healthy)
+    engine.stop()
+
+    assert [first.token_id, *rest] == expected
 
 
 def test_stopped_engine_rejects_sequences(reference) -> None:

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 PREFILL_CHUNK = 256
 # The cache grows in steps of this many positions, so it is not reallocated every token.
 CAPACITY_STEP = 256
-# A cache larger than this is released once no sequence runs.
+# A cache larger than this is released once no sequence runs, and shrunk once the sequences
+# still running need less than half of it (the cache is rows x the longest sequence).
 IDLE_CACHE_BYTES = 256 * 2**20
 
 
@@ -154,6 +155,22 @@ class KVCache:
             old = self.arrays.get(name)
             if old is not None:
                 array[: old.shape[0], :, : old.shape[2]] = old
+            arrays[name] = array
+        self.arrays, self.rows, self.capacity = arrays, new_rows, new_capacity
+        return True
+
+    def shrink(self, rows: int, positions: int) -> bool:
+        """Reallocate to about ``rows`` rows of ``positions`` positions when that halves the
+        buffers or better; return True when the buffers moved. Rows and positions past those
+        must hold nothing in use."""
+        new_rows = max(rows, 1)
+        new_capacity = -(-max(positions, 1) // CAPACITY_STEP) * CAPACITY_STEP + CAPACITY_STEP
+        if new_rows * new_capacity * 2 > self.rows * self.capacity:
+            return False
+        arrays = {}
+        for name, old in self.arrays.items():
+            array = np.empty((new_rows, old.shape[1], new_capacity, old.shape[3]), dtype=old.dtype)
+            array[:, :, : min(new_capacity, old.shape[2])] = old[:new_rows, :, :new_capacity]
             arrays[name] = array
         self.arrays, self.rows, self.capacity = arrays, new_rows, new_capacity
         return True
@@ -303,9 +320,7 @@ class BatchEngine:
                 except Exception as error:  # a failed decode step fails the sequences in it, not the thread
                     logger.exception("batched decode step failed; failing %d sequences", len(self._running))
                     self._fail_all(error)
-            if not self._running and not self._prefilling and self._cache.nbytes > IDLE_CACHE_BYTES:
-                self._cache.release()
-                self._bindings.clear()
+            self._trim_cache()
 
         error = RuntimeBackendError("the model was unloaded during generation", hint="retry once the server is back")
         with self._condition:
@@ -439,6 +454,17 @@ class BatchEngine:
         if finish is not None:
             with self._condition:
                 self._remove_row(row)
+
+    def _trim_cache(self) -> None:
+        """Give back cache memory that the sequences in flight no longer need."""
+        if self._cache.nbytes <= IDLE_CACHE_BYTES:
+            return
+        sequences = [*self._running, *self._prefilling]
+        if not sequences:
+            self._cache.release()
+            self._bindings.clear()
+        elif self._cache.shrink(len(sequences), max(s.length for s in sequences) + 1):
+            self._bindings.clear()
 
     def _reserve(self, rows: int, positions: int) -> None:
         if self._cache.reserve(rows, positions, self._context_length):
