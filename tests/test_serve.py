@@ -275,6 +275,38 @@ def test_echo_prompt_logprobs_legacy_shape(api: RunningServer, client: openai.Op
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(logprobs.token_logprobs[:-1])
 
 
+def test_logprob_bytes_rebuild_split_characters(client: openai.OpenAI) -> None:
+    answer = client.chat.completions.create(model="scripted", messages=CHAT, max_tokens=200, logprobs=True)
+
+    content = answer.choices[0].logprobs.content
+    # Emoji and CJK characters span several byte-level tokens; only their bytes join back up.
+    assert any("\ufffd" in entry.token for entry in content)
+    assert bytes(b for entry in content for b in entry.bytes).decode("utf-8") == answer.choices[0].message.content
+
+
+def test_text_offsets_follow_returned_text(client: openai.OpenAI) -> None:
+    prompt = "Hello wörld 東京 🙂 and"
+    request = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=0, extra_body={"ignore_eos": True})
+    answer = client.completions.create(**request)
+    streamed_offsets = [
+        offset
+        for chunk in client.completions.create(stream=True, **request)
+        if chunk.choices and chunk.choices[0].logprobs
+        for offset in chunk.choices[0].logprobs.text_offset
+    ]
+
+    choice = answer.choices[0]
+    offsets = choice.logprobs.text_offset
+    prompt_tokens = answer.usage.prompt_tokens
+    assert offsets == sorted(offsets)
+    assert offsets[0] == 0
+    # The first generated token starts right after the echoed prompt, so offsets count
+    # characters of the returned text, not of each token's own decoding.
+    assert offsets[prompt_tokens] == len(prompt)
+    assert offsets[-1] < len(choice.text)
+    assert streamed_offsets == offsets
+
+
 def test_logit_bias_forces_token(api: RunningServer, client: openai.OpenAI) -> None:
     token = httpx.post(f"{api.url}/tokenize", json={"model": "tiny", "prompt": " the", "add_special_tokens": False}).json()["tokens"][0]
 

@@ -154,6 +154,9 @@ class WrappedBackend(Backend):
     def check_json_schema(self, schema: dict) -> None:
         self.inner.check_json_schema(schema)
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        return self.inner.token_bytes(token_id)
+
     def score(self, token_ids: Sequence[int], *, top_logprobs: int = 0) -> list[TokenLogprob | None]:
         return self.inner.score(token_ids, top_logprobs=top_logprobs)
 

@@ -3,11 +3,13 @@ must equal transformers' own for the same folder."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from llmctl.errors import RuntimeBackendError, UsageError
+from llmctl.runtime.constraints import JsonGrammar
 from llmctl.runtime.tokenizer import ArtifactTokenizer
 
 TEXTS = ["hello world", "  leading spaces and a tab\there", "Unicode: café, 東京, 🙂", ""]
@@ -41,13 +43,34 @@ def _assert_matches_transformers(folder: Path) -> None:
             assert ours.apply_chat_template(messages) == list(expected)
 
 
+def _assert_token_bytes_and_grammar(folder: Path) -> None:
+    """Token bytes rebuild split characters, and the JSON grammar accepts the tokenizer's own
+    tokens for values with spaces and multi-byte characters."""
+    ours = ArtifactTokenizer(folder)
+    table = ours.token_bytes()
+    for text in TEXTS:
+        assert b"".join(table[token] for token in ours.encode(text, add_special_tokens=False)) == text.encode(), text
+
+    grammar = JsonGrammar(ours, len(ours), [ours.eos_token_id or 0])
+    values = ["New York", "東京 🙂"]
+    schema = {"type": "object", "properties": {"city": {"enum": values}}, "required": ["city"], "additionalProperties": False}
+    compiled = grammar.compile(schema)
+    for value in values:
+        constraint = grammar.start(compiled)
+        for token in ours.encode(json.dumps({"city": value}, ensure_ascii=False, separators=(",", ":")), add_special_tokens=False):
+            assert constraint.allowed()[token], (value, token)
+            constraint.accept(token)
+
+
 def test_tiny_artifact_matches_transformers(tiny_llama_genai: Path) -> None:
     _assert_matches_transformers(tiny_llama_genai)
+    _assert_token_bytes_and_grammar(tiny_llama_genai)
 
 
 @pytest.mark.realmodel
 def test_smollm2_matches_transformers(smollm2_genai_fp32: Path) -> None:
     _assert_matches_transformers(smollm2_genai_fp32)
+    _assert_token_bytes_and_grammar(smollm2_genai_fp32)
 
 
 @pytest.mark.realmodel
@@ -57,6 +80,7 @@ def test_gemma3_matches_transformers(gemma3_gguf: Path, tmp_path: Path) -> None:
     # Gemma-3's template folds a system prompt into the first user turn.
     AutoTokenizer.from_pretrained(str(gemma3_gguf.parent), gguf_file=gemma3_gguf.name).save_pretrained(tmp_path)
     _assert_matches_transformers(tmp_path)
+    _assert_token_bytes_and_grammar(tmp_path)
 
 
 def test_malformed_tokenizer_json_names_file(tmp_path: Path) -> None:

@@ -168,6 +168,10 @@ class Backend(abc.ABC):
         """
         return [self.score(sequence, top_logprobs=top_logprobs) for sequence in sequences]
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """Return the raw bytes of one token (part of a UTF-8 character for some), or None when unknown."""
+        return None
+
     def check_json_schema(self, schema: dict[str, Any]) -> None:
         """Check that generation can be constrained to ``schema``; a backend whose capabilities
         include ``json_schema`` overrides this.

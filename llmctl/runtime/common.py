@@ -47,6 +47,10 @@ class TokenizerBackend(Backend):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        table = self.tokenizer.token_bytes()
+        return table[token_id] if 0 <= token_id < len(table) else None
+
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
@@ -71,7 +75,7 @@ class TokenizerBackend(Backend):
 
     def _grammar(self) -> JsonGrammar:
         if self._json_grammar is None:
-            self._json_grammar = JsonGrammar(self.tokenizer.to_json(), self.vocab_size, self._eos_ids)
+            self._json_grammar = JsonGrammar(self.tokenizer, self.vocab_size, self._eos_ids)
         return self._json_grammar
 
     def _prepare_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> tuple[list[int], int]:

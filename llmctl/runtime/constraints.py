@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmctl.errors import InputError, RuntimeBackendError
+
+if TYPE_CHECKING:
+    from llmctl.runtime.tokenizer import ArtifactTokenizer
 
 # NOTE: llguidance's default JSON layout has no whitespace outside strings. Flexible
 # whitespace reads more like free text, but can let a small model emit newlines until max_tokens.
@@ -27,29 +30,33 @@ JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
 class JsonGrammar:
     """A compiler of JSON schemas against one model's tokenizer, and the start of each constrained generation.
 
-    Thread-safe: the llguidance tokenizer is built once, on first use (about 0.2 s for a
+    Thread-safe: the llguidance tokenizer is built once, on first use (about 0.3 s for a
     49k-token vocabulary), and only read afterwards.
 
     Args:
-        tokenizer_json: the model's ``tokenizer.json`` text.
+        tokenizer: the model's tokenizer; llguidance reads its tokens as raw bytes.
         vocab_size: the width of the model's logits.
         eos_token_ids: the tokens that end a generation once the JSON value is complete.
     """
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
-        self._tokenizer_json = tokenizer_json
+    def __init__(self, tokenizer: ArtifactTokenizer, vocab_size: int, eos_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
-        self._tokenizer: Any = None
+        self._llg: Any = None
         self._lock = threading.Lock()
 
     def _llg_tokenizer(self) -> Any:
-        from llguidance import LLTokenizer
+        from llguidance import LLTokenizer, TokenizerWrapper
 
         with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = LLTokenizer(self._tokenizer_json, n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
-            return self._tokenizer
+            if self._llg is None:
+                # NOTE: built from token bytes, not from tokenizer.json: llguidance 1.9 reads the
+                # byte-level tokens of GGUF-converted tokenizers (a ByteLevel decoder inside a
+                # Sequence) as literal text, so a space would count as "Ġ".
+                wrapper = TokenizerWrapper(_LLGuidanceVocabulary(self._tokenizer, self._eos_token_ids))
+                self._llg = LLTokenizer(wrapper, n_vocab=self._vocab_size, eos_token=self._eos_token_ids)
+            return self._llg
 
     def compile(self, schema: dict[str, Any]) -> str:
         """Return the llguidance grammar for ``schema``.
@@ -107,6 +114,22 @@ class JsonConstraint:
                 f"the JSON grammar rejected token {token_id}: {self._matcher.get_error()}",
                 hint="retry the request; if it fails again, simplify the schema",
             )
+
+
+class _LLGuidanceVocabulary:
+    """The tokenizer as llguidance's ``TokenizerWrapper`` reads it: token bytes, special ids, an encoder."""
+
+    def __init__(self, tokenizer: ArtifactTokenizer, eos_token_ids: Sequence[int]) -> None:
+        self._tokenizer = tokenizer
+        self.tokens = tokenizer.token_bytes()
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else tokenizer.eos_token_id
+        self.bos_token_id = tokenizer.bos_token_id
+        self.special_token_ids = tokenizer.special_token_ids
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("pass text, not bytes")
+        return self._tokenizer.encode(text, add_special_tokens=False)
 
 
 def schema_for(response_format: str, schema: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import uuid
+from functools import cache
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,13 +67,47 @@ class ArtifactTokenizer:
             reverse=True,
         )
         self._template: Any = None
+        self._token_bytes: list[bytes] | None = None
+        self._bytes_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._parsing.get_vocab_size(with_added_tokens=True)
 
-    def to_json(self) -> str:
-        """Return the tokenizer as ``tokenizer.json`` text, for libraries that build their own copy."""
-        return self._parsing.to_str()
+    def token_bytes(self) -> list[bytes]:
+        """Return the raw bytes of every token id, in id order (computed once).
+
+        Byte-level vocabularies store each byte as a printable character (GPT-2's table).
+        SentencePiece vocabularies store spaces as U+2581 and unknown bytes as ``<0xNN>``.
+        This undoes both, and added tokens give their text. Decoding one token at a time
+        cannot serve, because a token that contains part of a multi-byte character decodes to U+FFFD.
+        """
+        with self._bytes_lock:
+            if self._token_bytes is None:
+                self._token_bytes = self._build_token_bytes()
+            return self._token_bytes
+
+    def _build_token_bytes(self) -> list[bytes]:
+        size = len(self)
+        table = [b""] * size
+        byte_level = "ByteLevel" in json.dumps(json.loads(self._parsing.to_str()).get("pre_tokenizer"))
+        characters = {character: byte for byte, character in _byte_level_characters().items()}
+        for text, token_id in self._parsing.get_vocab(with_added_tokens=False).items():
+            if token_id >= size:
+                continue
+            if byte_level and all(character in characters for character in text):
+                table[token_id] = bytes(characters[character] for character in text)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                table[token_id] = bytes([int(text[3:5], 16)])
+            else:
+                table[token_id] = text.replace("\u2581", " ").encode("utf-8")
+        for token_id, token in self._parsing.get_added_tokens_decoder().items():
+            if token_id < size:
+                table[token_id] = token.content.encode("utf-8")
+        return table
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return sorted(token_id for token_id, token in self._parsing.get_added_tokens_decoder().items() if token.special)
 
     def token_to_id(self, token: str) -> int | None:
         """Return the id of ``token``'s text, or None when the vocabulary lacks it."""
@@ -200,6 +236,21 @@ def compile_chat_template(source: str) -> Any:
     environment.globals["raise_exception"] = raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     return environment.from_string(source)
+
+
+@cache
+def _byte_level_characters() -> dict[int, str]:
+    """Return GPT-2's table from each byte to the printable character that stands for it in
+    byte-level vocabularies: printable Latin-1 bytes stand for themselves, the others map to
+    U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def _token_text(value: Any) -> str:

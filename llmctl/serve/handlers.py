@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from llmctl.errors import InputError, UsageError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
 from llmctl.runtime.constraints import schema_for
+from llmctl.runtime.detokenize import IncrementalDetokenizer
 from llmctl.serve import protocol as wire
 from llmctl.serve.errors import APIError, bad_request, internal_error, shutting_down
 from llmctl.serve.metrics import ServerMetrics
@@ -158,7 +159,7 @@ def check_capabilities(model: ServedModel, request: wire.SamplingFields, *, logp
 
 
 def requested_schema(request: wire.SamplingFields) -> dict | None:
-    """Return the JSON schema the request's ``response_format`` asks for, or None for free text."""
+    """Return the JSON schema that the request's ``response_format`` requests, or None for free text."""
     response_format = request.response_format
     if response_format is None or response_format.type == "text":
         return None
@@ -324,17 +325,47 @@ def chat_logprobs(steps: Sequence[GenerationStep], texts: TokenTexts, top: int) 
         entry = step.logprob or TokenLogprob(step.token_id, 0.0)
         token = texts(step.token_id)
         alternatives = [
-            wire.TopLogprob(token=texts(token_id), logprob=logprob, bytes=list(texts(token_id).encode()))
+            wire.TopLogprob(token=texts(token_id), logprob=logprob, bytes=texts.bytes_of(token_id))
             for token_id, logprob in entry.top[:top]
         ]
         content.append(
-            wire.ChatTokenLogprob(token=token, logprob=entry.logprob, bytes=list(token.encode()), top_logprobs=alternatives)
+            wire.ChatTokenLogprob(
+                token=token, logprob=entry.logprob, bytes=texts.bytes_of(step.token_id), top_logprobs=alternatives
+            )
         )
     return wire.ChatLogprobs(content=content)
 
 
+class TextOffsets:
+    """Character offsets of a choice's tokens in the text it returns (the echoed prompt, then
+    the completion), for the legacy ``text_offset`` list.
+
+    The tokens are decoded incrementally, so a special token that the text leaves out (BOS,
+    EOS) takes no room, and a leading space or a character split across tokens is counted
+    where the text has it.
+
+    Args:
+        backend: the model, for its decoder.
+        context_ids: the prompt when it is not echoed, which gives the first token its context.
+    """
+
+    def __init__(self, backend: Backend, context_ids: Sequence[int] = ()) -> None:
+        self._detokenizer = IncrementalDetokenizer(backend.decode, context_ids)
+        self._offset = 0
+
+    def next(self, token_id: int) -> int:
+        """Return the offset of ``token_id``, the next token of the text."""
+        offset = self._offset
+        self._offset += len(self._detokenizer.add(token_id))
+        return offset
+
+
 def append_legacy_logprobs(
-    target: wire.CompletionLogprobs, entries: Sequence[tuple[int, TokenLogprob | None]], texts: TokenTexts, top: int
+    target: wire.CompletionLogprobs,
+    entries: Sequence[tuple[int, TokenLogprob | None]],
+    texts: TokenTexts,
+    top: int,
+    offsets: TextOffsets,
 ) -> None:
     """Append tokens to the legacy ``logprobs`` object of ``/v1/completions``.
 
@@ -343,12 +374,9 @@ def append_legacy_logprobs(
     (lm-eval's ``is_greedy``). An entry without a log-probability (the first prompt token)
     gets None in both lists.
     """
-    offset = target.text_offset[-1] + len(target.tokens[-1]) if target.tokens else 0
     for token_id, entry in entries:
-        token = texts(token_id)
-        target.tokens.append(token)
-        target.text_offset.append(offset)
-        offset += len(token)
+        target.tokens.append(texts(token_id))
+        target.text_offset.append(offsets.next(token_id))
         if entry is None:
             target.token_logprobs.append(None)
             target.top_logprobs.append(None)
@@ -570,9 +598,11 @@ class CompletionHandler:
             logprobs = None
             if request.logprobs is not None:
                 logprobs = wire.CompletionLogprobs()
+                offsets = TextOffsets(model.backend, () if request.echo else prompts[number])
                 if request.echo:
-                    append_legacy_logprobs(logprobs, self._prompt_entries(prompts[number], scored, number), texts, request.logprobs)
-                append_legacy_logprobs(logprobs, generated_entries(result.steps), texts, request.logprobs)
+                    entries = self._prompt_entries(prompts[number], scored, number)
+                    append_legacy_logprobs(logprobs, entries, texts, request.logprobs, offsets)
+                append_legacy_logprobs(logprobs, generated_entries(result.steps), texts, request.logprobs, offsets)
             if request.echo:
                 text = await self._echo_text(model, request.prompts()[number], prompts[number]) + text
             choices.append(
@@ -634,6 +664,8 @@ class CompletionHandler:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         texts = model.token_texts
         top = request.logprobs or 0
+        # One per choice, kept across chunks so offsets continue where the last chunk ended.
+        offsets: dict[int, TextOffsets] = {}
 
         def chunk(choices: list[wire.CompletionChoice], usage: wire.Usage | None = None) -> str:
             return sse(wire.Completion(id=response_id, created=created, model=model.name, choices=choices, usage=usage))
@@ -645,7 +677,9 @@ class CompletionHandler:
                 logprobs = None
                 if request.logprobs is not None:
                     logprobs = wire.CompletionLogprobs()
-                    append_legacy_logprobs(logprobs, self._prompt_entries(prompts[number], scored, number), texts, top)
+                    offsets[sequence.index] = TextOffsets(model.backend)
+                    entries = self._prompt_entries(prompts[number], scored, number)
+                    append_legacy_logprobs(logprobs, entries, texts, top, offsets[sequence.index])
                 yield chunk([wire.CompletionChoice(index=sequence.index, text=text, logprobs=logprobs, finish_reason=None)])
 
         async for event in generation.group.events():
@@ -655,7 +689,9 @@ class CompletionHandler:
             logprobs = None
             if request.logprobs is not None:
                 logprobs = wire.CompletionLogprobs()
-                append_legacy_logprobs(logprobs, generated_entries(event.steps), texts, top)
+                if event.index not in offsets:
+                    offsets[event.index] = TextOffsets(model.backend, prompts[event.index // request.n])
+                append_legacy_logprobs(logprobs, generated_entries(event.steps), texts, top, offsets[event.index])
             choice = wire.CompletionChoice(
                 index=event.index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason  # type: ignore[arg-type]
             )

@@ -43,20 +43,30 @@ class ModelSpec:
 
 
 class TokenTexts:
-    """Token id -> token text, cached, for log-probability entries."""
+    """Token id -> token text and raw bytes, cached, for log-probability entries."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
         self._cache: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            # NOTE: a byte-level token that contains part of a multi-byte character decodes to
-            # U+FFFD here; OpenAI sends its raw bytes, which the backend interface does not expose.
+            # A token that contains part of a multi-byte character decodes to U+FFFD here; its
+            # raw bytes come from ``bytes_of``.
             text = self._backend.decode([token_id], skip_special_tokens=False)
             self._cache[token_id] = text
         return text
+
+    def bytes_of(self, token_id: int) -> list[int]:
+        """Return the token's raw bytes as the OpenAI API lists them, so clients can rebuild split characters."""
+        value = self._bytes.get(token_id)
+        if value is None:
+            raw = self._backend.token_bytes(token_id)
+            value = list(raw if raw is not None else self(token_id).encode("utf-8"))
+            self._bytes[token_id] = value
+        return value
 
 
 @dataclass
