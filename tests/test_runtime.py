@@ -106,8 +106,10 @@ def test_select_backend_genai_without_config(tiny_llama_ort: Path) -> None:
 
 
 def test_select_backend_unknown_name(tiny_llama_ort: Path) -> None:
-    with pytest.raises(UsageError, match="unknown runtime backend"):
+    with pytest.raises(UsageError, match="unknown runtime backend") as raised:
         select_backend_name(tiny_llama_ort, "tensorflow")
+
+    assert raised.value.hint == "choose one of: auto, genai, ort, torch"
 
 
 def test_backends_report_same_metadata(backends) -> None:

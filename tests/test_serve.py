@@ -564,10 +564,39 @@ def test_invalid_field_is_400(api: RunningServer, body: dict, param: str) -> Non
     assert response.json()["error"]["param"] == param
 
 
-def test_body_not_object_is_400(api: RunningServer) -> None:
-    response = httpx.post(f"{api.url}/v1/completions", json=[1, 2, 3])
+@pytest.mark.parametrize(
+    ("content", "headers", "message"),
+    [
+        (b"[1, 2, 3]", {"content-type": "application/json"}, "must be a JSON object"),
+        (b'{"model": "tiny", "prompt": "x"}', {}, "content-type: application/json"),
+        (b"", {"content-type": "application/json"}, "body is empty"),
+    ],
+    ids=["array", "no-content-type", "empty"],
+)
+def test_body_not_object_is_400(api: RunningServer, content: bytes, headers: dict, message: str) -> None:
+    response = httpx.post(f"{api.url}/v1/completions", content=content, headers=headers)
 
     assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "finite number"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}',
+            "accepts only 'text' parts",
+        ),
+    ],
+    ids=["nan", "image-part"],
+)
+def test_invalid_value_names_problem(api: RunningServer, body: bytes, message: str) -> None:
+    response = httpx.post(f"{api.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert "more problem" not in response.json()["error"]["message"]
 
 
 def test_unknown_route_is_404_in_error_shape(api: RunningServer) -> None:

@@ -117,7 +117,11 @@ def select_backend_name(path: Path, requested: str = "auto") -> str:
             raise UnsupportedError(f"the {requested} backend cannot run {folder}: it needs {needs}", hint=hint)
         return requested
 
-    backends.get(requested)  # raises UsageError listing the registered names when unknown
+    if requested not in backends.names():
+        raise UsageError(
+            f"unknown runtime backend {requested!r}", hint=f"choose one of: auto, {', '.join(backends.names())}"
+        )
+    backends.get(requested)
     return requested
 
 

@@ -111,6 +111,12 @@ def from_validation_errors(errors: list[dict[str, Any]]) -> APIError:
         return APIError(400, f"The request body is not valid JSON: {detail}".rstrip(": "), code="invalid_json")
 
     field = _field_of(first)
+    if not field and first.get("type") == "missing":
+        return APIError(400, "The request body is empty: send a JSON object with content-type: application/json", code="invalid_json")
+    if not field and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        return APIError(
+            400, "The request body must be a JSON object, sent with content-type: application/json", code="invalid_json"
+        )
     message = str(first.get("msg", "invalid value"))
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]

@@ -37,7 +37,8 @@ Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # NaN and infinity are rejected as such, rather than by a range check that cannot name them.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class Response(BaseModel):
@@ -122,6 +123,17 @@ class ChatMessage(Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
     name: Text | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Checked before the union, whose own error lists one failure per member type.
+        if isinstance(value, list):
+            for index, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"content part {index} has type {kind!r}; this server accepts only 'text' parts")
+        return value
 
     def text(self) -> str:
         """Return the content as one string; text parts are joined with no separator."""
