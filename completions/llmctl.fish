@@ -151,7 +151,7 @@ complete -c llmctl -n '__fish_seen_subcommand_from serve' -l backend -d 'Runtime
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -s b -d 'Runtime backend: auto, genai, ort or torch; default from the profile.'
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -l served-model-name -d 'Name clients pass as \'model\'; repeat once per MODEL. Default: the folder name.'
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -l api-key -d 'Require \'Authorization: Bearer KEY\' on every endpoint but /health.'
-complete -c llmctl -n '__fish_seen_subcommand_from serve' -l max-concurrency -d 'Requests generating at once; default from the profile.'
+complete -c llmctl -n '__fish_seen_subcommand_from serve' -l max-concurrency -d 'Sequences generating at once (each prompt and each of n choices counts); default from the profile.'
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -l max-queue -d 'Requests waiting for a slot before 429; default from the profile.'
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -l threads -d 'Intra-op threads per model, at most the CPU count; 0 lets the runtime choose; default from the profile.'
 complete -c llmctl -n '__fish_seen_subcommand_from serve' -l default-max-tokens -d 'Tokens a chat completion may generate when the request sets no max_tokens; 0 fills the rest of the context (OpenAI\'s behaviour); default from the profile (256).'
