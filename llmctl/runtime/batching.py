@@ -159,12 +159,13 @@ class KVCache:
         self.arrays, self.rows, self.capacity = arrays, new_rows, new_capacity
         return True
 
-    def shrink(self, rows: int, positions: int) -> bool:
-        """Reallocate to about ``rows`` rows of ``positions`` positions when that halves the
-        buffers or better; return True when the buffers moved. Rows and positions past those
-        must hold nothing in use."""
+    def shrink(self, rows: int, positions: int, limit: int) -> bool:
+        """Reallocate to about ``rows`` rows of ``positions`` positions (at most ``limit``) when
+        that halves the buffers or better; return True when the buffers moved. Rows and
+        positions past those must contain nothing in use."""
         new_rows = max(rows, 1)
         new_capacity = -(-max(positions, 1) // CAPACITY_STEP) * CAPACITY_STEP + CAPACITY_STEP
+        new_capacity = max(min(new_capacity, limit), positions)
         if new_rows * new_capacity * 2 > self.rows * self.capacity:
             return False
         arrays = {}
@@ -463,7 +464,7 @@ class BatchEngine:
         if not sequences:
             self._cache.release()
             self._bindings.clear()
-        elif self._cache.shrink(len(sequences), max(s.length for s in sequences) + 1):
+        elif self._cache.shrink(len(sequences), max(s.length for s in sequences) + 1, self._context_length):
             self._bindings.clear()
 
     def _reserve(self, rows: int, positions: int) -> None:
