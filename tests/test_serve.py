@@ -284,6 +284,19 @@ def test_logprob_bytes_rebuild_split_characters(client: openai.OpenAI) -> None:
     assert bytes(b for entry in content for b in entry.bytes).decode("utf-8") == answer.choices[0].message.content
 
 
+def test_logprobs_leave_out_final_eos(api: RunningServer, client: openai.OpenAI) -> None:
+    eos = backend_of(api, "tiny").eos_token_ids[0]
+    # The bias makes the first token the end of sequence, which is not part of the text.
+    request = dict(model="tiny", max_tokens=5, temperature=0, logit_bias={str(eos): 100})
+    chat = client.chat.completions.create(messages=CHAT, logprobs=True, **request)
+    legacy = client.completions.create(prompt="Hi", logprobs=0, **request)
+
+    assert chat.choices[0].finish_reason == "stop"
+    assert chat.choices[0].message.content == ""
+    assert chat.choices[0].logprobs.content == []
+    assert legacy.choices[0].logprobs.tokens == []
+
+
 def test_text_offsets_follow_returned_text(client: openai.OpenAI) -> None:
     prompt = "Hello wörld 東京 🙂 and"
     request = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=0, echo=True, logprobs=0, extra_body={"ignore_eos": True})
@@ -376,6 +389,7 @@ def test_json_object_starts_an_object(client: openai.OpenAI) -> None:
         ({"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objectx"}}}, {}, "invalid JSON schema"),
         ({"type": "json_schema", "json_schema": {"name": "empty"}}, {}, "has no schema"),
         ({"type": "json_object"}, {"ignore_eos": True}, "ignore_eos"),
+        ({"type": "json_object"}, {"stop": ["e"]}, "stop cannot be combined"),
     ],
 )
 def test_bad_response_format_is_400(client: openai.OpenAI, response_format: dict, extra: dict, message: str) -> None:

@@ -152,6 +152,11 @@ def check_capabilities(model: ServedModel, request: wire.SamplingFields, *, logp
             "ignore_eos cannot be combined with response_format: the output ends when the JSON value is complete",
             param="ignore_eos",
         )
+    if request.stop:
+        raise bad_request(
+            "stop cannot be combined with response_format: a stop string would cut the JSON value short",
+            param="stop",
+        )
     try:
         backend.check_json_schema(schema)
     except InputError as error:
@@ -322,6 +327,8 @@ def chat_logprobs(steps: Sequence[GenerationStep], texts: TokenTexts, top: int) 
     """Build the chat ``logprobs.content`` list for generated tokens."""
     content = []
     for step in steps:
+        if texts.is_final_eos(step):
+            continue
         entry = step.logprob or TokenLogprob(step.token_id, 0.0)
         token = texts(step.token_id)
         alternatives = [
@@ -389,8 +396,8 @@ def append_legacy_logprobs(
         target.top_logprobs.append(alternatives)
 
 
-def generated_entries(steps: Sequence[GenerationStep]) -> list[tuple[int, TokenLogprob | None]]:
-    return [(step.token_id, step.logprob or TokenLogprob(step.token_id, 0.0)) for step in steps]
+def generated_entries(steps: Sequence[GenerationStep], texts: TokenTexts) -> list[tuple[int, TokenLogprob | None]]:
+    return [(step.token_id, step.logprob or TokenLogprob(step.token_id, 0.0)) for step in steps if not texts.is_final_eos(step)]
 
 
 # ---------------------------------------------------------------- endpoints
@@ -574,7 +581,7 @@ class CompletionHandler:
         prompt_tokens = sum(len(ids) for ids in prompts)
         self.context.metrics.prompt_tokens.labels(model.name).inc(prompt_tokens)
 
-        shape = f"{len(prompts)} prompts x n={request.n}"
+        shape = f"{len(prompts)} prompts x n={request.n}" if len(prompts) > 1 else f"n={request.n}"
         slot = await acquire_slots(self.context.scheduler, len(sequences), shape, param="prompt" if len(prompts) > 1 else "n")
         scored: list[list[TokenLogprob | None]] = []
         if prompt_logprobs:
@@ -602,7 +609,7 @@ class CompletionHandler:
                 if request.echo:
                     entries = self._prompt_entries(prompts[number], scored, number)
                     append_legacy_logprobs(logprobs, entries, texts, request.logprobs, offsets)
-                append_legacy_logprobs(logprobs, generated_entries(result.steps), texts, request.logprobs, offsets)
+                append_legacy_logprobs(logprobs, generated_entries(result.steps, texts), texts, request.logprobs, offsets)
             if request.echo:
                 text = await self._echo_text(model, request.prompts()[number], prompts[number]) + text
             choices.append(
@@ -691,7 +698,7 @@ class CompletionHandler:
                 logprobs = wire.CompletionLogprobs()
                 if event.index not in offsets:
                     offsets[event.index] = TextOffsets(model.backend, prompts[event.index // request.n])
-                append_legacy_logprobs(logprobs, generated_entries(event.steps), texts, top, offsets[event.index])
+                append_legacy_logprobs(logprobs, generated_entries(event.steps, texts), texts, top, offsets[event.index])
             choice = wire.CompletionChoice(
                 index=event.index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason  # type: ignore[arg-type]
             )

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl.errors import UsageError
-from llmctl.runtime.base import Backend
+from llmctl.runtime.base import Backend, GenerationStep
 from llmctl.serve.errors import model_not_found, not_ready
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class TokenTexts:
         self._backend = backend
         self._cache: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
+        self._eos_ids: frozenset[int] | None = None
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
@@ -58,6 +59,15 @@ class TokenTexts:
             text = self._backend.decode([token_id], skip_special_tokens=False)
             self._cache[token_id] = text
         return text
+
+    def is_final_eos(self, step: GenerationStep) -> bool:
+        """Return True for the end-of-sequence token that ended a generation: it is not part of
+        the text, so log-probability lists leave it out, as OpenAI's API does."""
+        if step.finish_reason != "stop":
+            return False
+        if self._eos_ids is None:
+            self._eos_ids = frozenset(self._backend.eos_token_ids)
+        return step.token_id in self._eos_ids
 
     def bytes_of(self, token_id: int) -> list[int]:
         """Return the token's raw bytes as the OpenAI API lists them, so clients can rebuild split characters."""

@@ -65,7 +65,7 @@ class ResponseFormat(Request):
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with the schema")
         return self
 
 

@@ -87,7 +87,9 @@ class Scheduler:
             if waiter.done() and not waiter.cancelled():
                 self._release(slots)  # the slots were handed over just as the waiter went away
             else:
-                self._waiters.remove(entry)
+                # Another waiter's wake-up may already have dropped this cancelled entry.
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
                 self._wake()  # a smaller request behind this one may fit now
             raise
         finally:
