@@ -113,6 +113,7 @@ def test_batched_tokens_match_sequential(reference, engine) -> None:
 def test_chunked_prompts_keep_tokens(reference, engine, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prompts span several chunks and the cache grows several times while rows join and leave.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 3)
     monkeypatch.setattr(batching, "CAPACITY_STEP", 4)
     # Every cache counts as large, so it also shrinks whenever a long sequence leaves.
     monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
@@ -125,6 +126,7 @@ def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) 
     # Every prompt takes several chunks and every budget is short, so each sequence finishes
     # while the next one's prompt is half-way in: the half-filled row must move with it.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
+    monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 3)
     lock = TurnLock()
     engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
     try:
@@ -138,6 +140,7 @@ def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) 
 
 def test_short_prompt_overtakes_long_prompt(reference, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
+    monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 2)
     lock = TurnLock()
     engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
     prompts = {
@@ -176,6 +179,7 @@ def test_failed_prompt_moves_other_prompt_row(reference, monkeypatch: pytest.Mon
     # Prompt "a" fails part-way while prompt "b", further down the list, has chunks in its
     # row: b's row moves into a's and b must still generate the right tokens.
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
+    monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 2)
     lock = TurnLock()
     engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
     prompts = {
@@ -244,6 +248,31 @@ def test_cache_shrinks_after_long_sequence(reference, monkeypatch: pytest.Monkey
 
     assert [first.token_id, *rest] == expected
     assert shrunk_while_running
+
+
+def test_long_prompt_reserves_cache_once(reference, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The prompt runs in about 30 chunks beside a running sequence, and every cache counts as
+    # large: the cache must neither regrow per chunk nor shrink below the prompt part-way in.
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 4)
+    monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
+    monkeypatch.setattr(batching, "CAPACITY_STEP", 8)
+    lock = TurnLock()
+    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    short_prompt = reference.encode("alpha")
+    long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
+    expected = _tokens(reference.generate(long_prompt, _greedy(3)))
+    with _throttled(lock):
+        short = _submit(engine, reference, short_prompt, _greedy(60))
+        next(short)
+        moves_before = engine.stats.cache_moves
+        tokens = _tokens(_submit(engine, reference, long_prompt, _greedy(3)))
+        moves = engine.stats.cache_moves - moves_before
+        short.close()
+    engine.stop()
+
+    assert tokens == expected
+    assert moves <= 3
 
 
 def test_seeded_sampling_matches_sequential(reference, engine) -> None:
