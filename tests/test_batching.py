@@ -3,7 +3,6 @@ tokens as one sequence at a time, through joins, leaves, chunked prompts and cac
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from llmctl.runtime import batching, open_backend
 from llmctl.runtime.base import SamplingParams
 from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
 from llmctl.runtime.ort import find_decoder_file
+from tests.test_serve_support import throttled
 
 pytestmark = pytest.mark.slow
 
@@ -73,23 +73,19 @@ def _run_together(engine: BatchEngine, backend, jobs: list[tuple[list[int], Samp
     return results
 
 
-@contextlib.contextmanager
-def _throttled(lock: TurnLock, pause_s: float = 0.005):
-    """Make every model call wait its turn behind a pause, as a larger model would."""
-    stop = threading.Event()
-
-    def throttle() -> None:
-        while not stop.is_set():
-            with lock:
-                time.sleep(pause_s)
-
-    thread = threading.Thread(target=throttle, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+def _run_queued(engine: BatchEngine, lock: TurnLock, run, names: list[str]) -> None:
+    """Run ``run(name)`` for each name on its own thread, each queued in order while ``lock``
+    (the engine's step lock) is held, so all are queued before the engine's first model call."""
+    threads = [threading.Thread(target=run, args=(name,)) for name in names]
+    with lock:
+        for count, thread in enumerate(threads, start=1):
+            thread.start()
+            for _ in range(500):
+                if engine.active_requests == count:
+                    break
+                threading.Event().wait(0.01)
+    for thread in threads:
+        thread.join(timeout=60)
 
 
 def _jobs(reference) -> list[tuple[list[int], SamplingParams]]:
@@ -158,16 +154,7 @@ def test_short_prompt_overtakes_long_prompt(reference, monkeypatch: pytest.Monke
         results[name] = [first.token_id, *_tokens(stream)]
 
     try:
-        with lock:
-            threads = {name: threading.Thread(target=run, args=(name,)) for name in prompts}
-            for name, count in (("long", 1), ("short", 2)):
-                threads[name].start()
-                for _ in range(500):
-                    if engine.active_requests == count:
-                        break
-                    threading.Event().wait(0.01)
-        for thread in threads.values():
-            thread.join(timeout=60)
+        _run_queued(engine, lock, run, ["long", "short"])
     finally:
         engine.stop()
 
@@ -206,16 +193,7 @@ def test_failed_prompt_moves_other_prompt_row(reference, monkeypatch: pytest.Mon
             results[name] = str(error)
 
     try:
-        with lock:
-            threads = {name: threading.Thread(target=run, args=(name,)) for name in prompts}
-            for name, count in (("a", 1), ("b", 2)):
-                threads[name].start()
-                for _ in range(500):
-                    if engine.active_requests == count:
-                        break
-                    threading.Event().wait(0.01)
-        for thread in threads.values():
-            thread.join(timeout=60)
+        _run_queued(engine, lock, run, ["a", "b"])
     finally:
         engine.stop()
 
@@ -231,7 +209,7 @@ def test_cache_shrinks_after_long_sequence(reference, monkeypatch: pytest.Monkey
     prompt = reference.encode("alpha")
     expected = _tokens(reference.generate(prompt, _greedy(40)))
     long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
-    with _throttled(lock):
+    with throttled(lock):
         short = _submit(engine, reference, prompt, _greedy(40))
         first = next(short)
         list(_submit(engine, reference, long_prompt, _greedy(2)))
@@ -262,7 +240,7 @@ def test_long_prompt_reserves_cache_once(reference, monkeypatch: pytest.MonkeyPa
     short_prompt = reference.encode("alpha")
     long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
     expected = _tokens(reference.generate(long_prompt, _greedy(3)))
-    with _throttled(lock):
+    with throttled(lock):
         short = _submit(engine, reference, short_prompt, _greedy(60))
         next(short)
         moves_before = engine.stats.cache_moves
@@ -351,7 +329,7 @@ def test_sampler_failure_ends_only_its_sequence(reference) -> None:
     params = _greedy(40)
     expected = _tokens(reference.generate(prompt, params))
     # Throttled, so the healthy sequence is still running when the failing one fails.
-    with _throttled(lock):
+    with throttled(lock):
         healthy = _submit(engine, reference, prompt, params)
         first = next(healthy)
         failing = engine.generate(prompt, 40, _FailingSampler(reference.make_sampler(params)), [], ignore_eos=True)

@@ -185,17 +185,17 @@ class WrappedBackend(Backend):
 
 
 @contextlib.contextmanager
-def slow_steps(backend, pause_s: float = 0.005) -> Iterator[None]:
+def throttled(lock, pause_s: float = 0.005) -> Iterator[None]:
     """Make every model step wait ``pause_s``, as a model larger than the tiny one would.
 
-    A thread takes the backend's step lock in turn with the engine and holds it for
-    ``pause_s``, so a client has time to disconnect before the tiny model finishes.
+    A thread takes ``lock`` (a backend's or engine's step lock) in turn with the model calls
+    and holds it for ``pause_s``, so a client has time to act before the tiny model finishes.
     """
     stop = threading.Event()
 
     def throttle() -> None:
         while not stop.is_set():
-            with backend._lock:
+            with lock:
                 time.sleep(pause_s)
 
     thread = threading.Thread(target=throttle, daemon=True)
@@ -205,3 +205,8 @@ def slow_steps(backend, pause_s: float = 0.005) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def slow_steps(backend, pause_s: float = 0.005):
+    """Throttle every model step of ``backend`` (see ``throttled``)."""
+    return throttled(backend._lock, pause_s)
