@@ -584,8 +584,9 @@ def test_invalid_field_is_400(api: RunningServer, body: dict, param: str) -> Non
         (b"[1, 2, 3]", {"content-type": "application/json"}, "must be a JSON object"),
         (b'{"model": "tiny", "prompt": "x"}', {}, "content-type: application/json"),
         (b"", {"content-type": "application/json"}, "body is empty"),
+        (b'{"model": "tiny", "prompt": "\xff\xfe"}', {"content-type": "application/json"}, "JSON in UTF-8"),
     ],
-    ids=["array", "no-content-type", "empty"],
+    ids=["array", "no-content-type", "empty", "invalid-utf8"],
 )
 def test_body_not_object_is_400(api: RunningServer, content: bytes, headers: dict, message: str) -> None:
     response = httpx.post(f"{api.url}/v1/completions", content=content, headers=headers)
