@@ -27,6 +27,8 @@ run eval_quality "$python" bench/eval_quality.py --workdir "$out/eval-models" \
 int4="$out/eval-models/onnx-int4"
 run runtime "$python" bench/runtime.py "$int4" --tokens 128 --rounds 5 --with-ort
 run serve "$python" bench/serve.py "$int4" --torch-model "$gguf" --tokens 128 --rounds 3
+run batching "$python" bench/batching.py "$int4" --rounds 5
+run long_prompt "$python" bench/long_prompt.py "$int4"
 run cost_calibration "$python" bench/cost_calibration.py --artifact "$int4" --repeats 8
 run pipeline "$python" bench/pipeline.py --json "$out/pipeline.json"
 run gguf_lossless "$python" bench/gguf_lossless.py --gemma --json "$out/gguf_lossless.json"

@@ -71,6 +71,10 @@ class ServerProcess:
         threading.Thread(target=self._sample, daemon=True).start()
         self._wait_healthy()
 
+    def current_rss(self) -> int:
+        """Return the server's resident memory now, in bytes."""
+        return self._watch.memory_info().rss
+
     def _sample(self) -> None:
         while not self._stop.is_set():
             try:
