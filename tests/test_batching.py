@@ -29,7 +29,7 @@ def reference(tiny_llama_genai: Path):
 
 @pytest.fixture()
 def engine(reference):
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length)
+    engine = _new_engine(reference)
     yield engine
     engine.stop()
 
@@ -44,6 +44,17 @@ def _submit(engine: BatchEngine, backend, prompt: list[int], params: SamplingPar
 
 def _tokens(stream) -> list[int]:
     return [step.token_id for step in stream]
+
+
+def _new_engine(reference, lock: TurnLock | None = None) -> BatchEngine:
+    return BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+
+
+def _wait_for_active(engine: BatchEngine, count: int, timeout_s: float = 5.0) -> None:
+    """Wait until ``count`` sequences are queued or running in ``engine``."""
+    deadline = time.monotonic() + timeout_s
+    while engine.active_requests != count and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _run_together(engine: BatchEngine, backend, jobs: list[tuple[list[int], SamplingParams]], lock: TurnLock | None = None) -> list[list[int]]:
@@ -63,10 +74,7 @@ def _run_together(engine: BatchEngine, backend, jobs: list[tuple[list[int], Samp
         with lock:
             for thread in threads:
                 thread.start()
-            for _ in range(500):
-                if engine.active_requests == len(jobs):
-                    break
-                threading.Event().wait(0.01)
+            _wait_for_active(engine, len(jobs))
     for thread in threads:
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads)
@@ -80,10 +88,7 @@ def _run_queued(engine: BatchEngine, lock: TurnLock, run, names: list[str]) -> N
     with lock:
         for count, thread in enumerate(threads, start=1):
             thread.start()
-            for _ in range(500):
-                if engine.active_requests == count:
-                    break
-                threading.Event().wait(0.01)
+            _wait_for_active(engine, count)
     for thread in threads:
         thread.join(timeout=60)
 
@@ -124,7 +129,7 @@ def test_prefill_row_moves_on_leave(reference, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 3)
     monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 3)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     try:
         prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 2)
         jobs = [(prompt[i:], _greedy(2 + i)) for i in range(4)]
@@ -138,7 +143,7 @@ def test_short_prompt_overtakes_long_prompt(reference, monkeypatch: pytest.Monke
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
     monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 2)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     prompts = {
         "long": reference.encode("The quick brown fox jumps over the lazy dog " * 3),
         "short": reference.encode("alpha")[:2],
@@ -168,7 +173,7 @@ def test_failed_prompt_moves_other_prompt_row(reference, monkeypatch: pytest.Mon
     monkeypatch.setattr(batching, "PREFILL_CHUNK", 2)
     monkeypatch.setattr(batching, "BUSY_PREFILL_CHUNK", 2)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     prompts = {
         "a": reference.encode("The quick brown fox jumps over the lazy dog " * 3),
         "b": reference.encode("Unicode text and more words here"),
@@ -205,7 +210,7 @@ def test_cache_shrinks_after_long_sequence(reference, monkeypatch: pytest.Monkey
     monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
     monkeypatch.setattr(batching, "CAPACITY_STEP", 8)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     prompt = reference.encode("alpha")
     expected = _tokens(reference.generate(prompt, _greedy(40)))
     long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
@@ -236,7 +241,7 @@ def test_long_prompt_reserves_cache_once(reference, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(batching, "IDLE_CACHE_BYTES", 0)
     monkeypatch.setattr(batching, "CAPACITY_STEP", 8)
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     short_prompt = reference.encode("alpha")
     long_prompt = reference.encode("The quick brown fox jumps over the lazy dog " * 4)
     expected = _tokens(reference.generate(long_prompt, _greedy(3)))
@@ -280,10 +285,7 @@ def test_closed_stream_frees_row(reference, engine) -> None:
     stream = _submit(engine, reference, prompt, _greedy(500))
     next(stream)
     stream.close()
-    for _ in range(200):
-        if engine.active_requests == 0:
-            break
-        threading.Event().wait(0.01)
+    _wait_for_active(engine, 0)
     assert engine.active_requests == 0
     # The engine keeps serving after the cancelled sequence left.
     assert _tokens(_submit(engine, reference, prompt, _greedy(3))) == _tokens(reference.generate(prompt, _greedy(3)))
@@ -324,7 +326,7 @@ class _FailingSampler:
 
 def test_sampler_failure_ends_only_its_sequence(reference) -> None:
     lock = TurnLock()
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length, step_lock=lock)
+    engine = _new_engine(reference, lock)
     prompt = reference.encode("alpha beta")
     params = _greedy(40)
     expected = _tokens(reference.generate(prompt, params))
@@ -342,7 +344,7 @@ def test_sampler_failure_ends_only_its_sequence(reference) -> None:
 
 
 def test_stopped_engine_rejects_sequences(reference) -> None:
-    engine = BatchEngine(reference.decoder, context_length=reference.context_length)
+    engine = _new_engine(reference)
     engine.stop()
     with pytest.raises(RuntimeBackendError, match="unloaded"):
         list(_submit(engine, reference, reference.encode("alpha"), _greedy(4)))

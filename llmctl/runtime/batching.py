@@ -69,6 +69,14 @@ def _allocate(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
 
 
+def can_batch(path: Path, execution_provider: str) -> bool:
+    """Return True when ``BatchEngine`` can run the decoder in ``path`` on ``execution_provider``.
+
+    The engine binds its cache in host memory, so only the CPU provider qualifies.
+    """
+    return execution_provider == "cpu" and updates_cache_in_place(path)
+
+
 def updates_cache_in_place(path: Path) -> bool:
     """Return True when the decoder's attention can share one KV buffer between past and present.
 

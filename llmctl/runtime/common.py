@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmctl.errors import InputError
 from llmctl.runtime.base import Backend, GenerationStep, SamplingParams, TokenLogprob
+from llmctl.runtime.batching import BatchEngine, TurnLock
 from llmctl.runtime.constraints import JsonGrammar
 from llmctl.runtime.sampling import Sampler, log_softmax, top_entries
 from llmctl.runtime.tokenizer import ArtifactTokenizer, eos_ids_from_folder, read_json
+
+if TYPE_CHECKING:
+    from llmctl.runtime.ort import OnnxDecoder
 
 
 class TokenizerBackend(Backend):
@@ -22,6 +27,7 @@ class TokenizerBackend(Backend):
     _eos_ids: list[int]
     _context_length: int
     _json_grammar: JsonGrammar | None = None
+    _engine: BatchEngine | None = None
 
     def _load_tokenizer(self) -> None:
         self.tokenizer = ArtifactTokenizer(self.model_path)
@@ -72,6 +78,20 @@ class TokenizerBackend(Backend):
             grammar = self._grammar()
             constraint = grammar.start(grammar.compile(params.json_schema))
         return Sampler(params, self.vocab_size, self._eos_ids, constraint)
+
+    def _start_batching(self, decoder: OnnxDecoder, step_lock: TurnLock) -> None:
+        """Run every later generation through a ``BatchEngine`` over ``decoder``."""
+        self._engine = BatchEngine(decoder, context_length=self.context_length, step_lock=step_lock)
+        self.capabilities = replace(self.capabilities, continuous_batching=True)
+
+    def _generate_batched(self, ids: list[int], budget: int, params: SamplingParams) -> Iterator[GenerationStep]:
+        assert self._engine is not None
+        return self._engine.generate(ids, budget, self.make_sampler(params), self._eos_ids, ignore_eos=params.ignore_eos)
+
+    def _stop_batching(self) -> None:
+        if self._engine is not None:
+            self._engine.stop()
+            self._engine = None
 
     def _grammar(self) -> JsonGrammar:
         if self._json_grammar is None:

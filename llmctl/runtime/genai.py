@@ -23,7 +23,6 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import numpy as np
 
 from llmctl.errors import RuntimeBackendError, UnsupportedError
 from llmctl.runtime.base import Capabilities, GenerationStep, SamplingParams
-from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
+from llmctl.runtime.batching import TurnLock, can_batch
 from llmctl.runtime.common import ScoringBackend
 from llmctl.runtime.ort import OnnxDecoder, find_decoder_file
 from llmctl.runtime.tokenizer import read_json
@@ -64,7 +63,6 @@ class GenAIBackend(ScoringBackend):
         # Serializes model calls: GenAI documents no thread-safety for Generator.
         self._lock = TurnLock()
         self._model_lock = threading.Lock()
-        self._engine: BatchEngine | None = None
         self._decoder: OnnxDecoder | None = None
         self._decoder_lock = threading.Lock()
 
@@ -92,13 +90,10 @@ class GenAIBackend(ScoringBackend):
         self._eos_ids = sorted(set(self._eos_ids) | {int(e) for e in genai_eos or []})
 
         decoder_file = find_decoder_file(self.model_path)
-        if self.batching and self.provider == "cpu" and updates_cache_in_place(decoder_file):
+        if self.batching and can_batch(decoder_file, self.provider):
             logger.info("loading %s with onnxruntime for continuous batching", decoder_file)
             self._decoder = OnnxDecoder(decoder_file, threads=self.threads, execution_provider=self.provider)
-            self._engine = BatchEngine(
-                self._decoder, context_length=self.context_length, step_lock=self._lock
-            )
-            self.capabilities = replace(self.capabilities, continuous_batching=True)
+            self._start_batching(self._decoder, self._lock)
         else:
             self._genai_model()
 
@@ -127,9 +122,7 @@ class GenAIBackend(ScoringBackend):
             raise RuntimeBackendError(f"onnxruntime_genai cannot load {self.model_path}: {error}", hint="re-run llmctl convert") from error
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine = None
+        self._stop_batching()
         self._decoder = None
         self.model = None
 
@@ -138,7 +131,7 @@ class GenAIBackend(ScoringBackend):
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationStep]:
         ids, budget = self._prepare_prompt(prompt_ids, params)
         if self._engine is not None:
-            return self._engine.generate(ids, budget, self.make_sampler(params), self._eos_ids, ignore_eos=params.ignore_eos)
+            return self._generate_batched(ids, budget, params)
         if params.needs_logits():
             return self._generate_with_sampler(ids, budget, params)
         return self._generate_native(ids, budget, params)
@@ -214,15 +207,7 @@ class GenAIBackend(ScoringBackend):
     # Scoring goes through onnxruntime on the same decoder file.
 
     def _batch_logits(self, sequences: list[list[int]]) -> np.ndarray:
-        decoder = self._score_decoder()
-        width = max(len(s) for s in sequences)
-        ids = np.zeros((len(sequences), width), dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
-        logits, _ = decoder.run(ids, mask, decoder.empty_cache(len(sequences)))
-        return logits.astype(np.float32, copy=False)
+        return self._score_decoder().batch_logits(sequences, self.tokenizer.pad_token_id or 0)
 
     def _score_decoder(self) -> OnnxDecoder:
         with self._decoder_lock:

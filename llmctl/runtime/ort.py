@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from llmctl.errors import RuntimeBackendError, UnsupportedError
 from llmctl.runtime.base import Capabilities, GenerationStep, SamplingParams
-from llmctl.runtime.batching import BatchEngine, TurnLock, updates_cache_in_place
+from llmctl.runtime.batching import TurnLock, can_batch
 from llmctl.runtime.common import LogitsBackend
 from llmctl.runtime.tokenizer import read_json
 
@@ -139,6 +139,17 @@ class OnnxDecoder:
         present = {name: outputs[self.present_for_past[name]] for name in self.past_names}
         return outputs["logits"], DecoderCache(present, cache.length + length)
 
+    def batch_logits(self, sequences: list[list[int]], pad_id: int) -> np.ndarray:
+        """Return float32 ``(batch, max_len, vocab)`` logits of right-padded sequences, run without a cache."""
+        width = max(len(s) for s in sequences)
+        ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = sequence
+            mask[row, : len(sequence)] = 1
+        logits, _ = self.run(ids, mask, self.empty_cache(len(sequences)))
+        return logits.astype(np.float32, copy=False)
+
 
 class OrtBackend(LogitsBackend):
     """Runs an exported causal LM with ONNX Runtime; samples with numpy.
@@ -156,7 +167,6 @@ class OrtBackend(LogitsBackend):
         super().__init__(model_path, threads=threads, **options)
         self.decoder: OnnxDecoder | None = None
         self.capabilities = Capabilities(logprobs=True, prompt_logprobs=True, logit_bias=True, penalties=True, json_schema=True)
-        self._engine: BatchEngine | None = None
         self._lock = TurnLock()
 
     @classmethod
@@ -169,17 +179,14 @@ class OrtBackend(LogitsBackend):
         provider = self.options.get("execution_provider", "cpu")
         self.decoder = OnnxDecoder(path, threads=self.threads, execution_provider=provider)
         self._load_tokenizer()
-        if self.options.get("continuous_batching", True) and provider == "cpu" and updates_cache_in_place(path):
-            self._engine = BatchEngine(
-                self.decoder, context_length=self.context_length, step_lock=self._lock
-            )
-            self.capabilities = replace(self.capabilities, continuous_batching=True)
+        if self.options.get("continuous_batching", True) and can_batch(path, provider):
+            self._start_batching(self.decoder, self._lock)
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[GenerationStep]:
         if self._engine is None:
             return super().generate(prompt_ids, params)
         ids, budget = self._prepare_prompt(prompt_ids, params)
-        return self._engine.generate(ids, budget, self.make_sampler(params), self._eos_ids, ignore_eos=params.ignore_eos)
+        return self._generate_batched(ids, budget, params)
 
     def _prefill(self, token_ids: list[int]) -> tuple[np.ndarray, Any]:
         decoder = self._decoder()
@@ -194,16 +201,7 @@ class OrtBackend(LogitsBackend):
         return logits[0, -1], cache
 
     def _batch_logits(self, sequences: list[list[int]]) -> np.ndarray:
-        decoder = self._decoder()
-        width = max(len(s) for s in sequences)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = np.full((len(sequences), width), pad, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, sequence in enumerate(sequences):
-            ids[row, : len(sequence)] = sequence
-            mask[row, : len(sequence)] = 1
-        logits, _ = decoder.run(ids, mask, decoder.empty_cache(len(sequences)))
-        return logits.astype(np.float32, copy=False)
+        return self._decoder().batch_logits(sequences, self.tokenizer.pad_token_id or 0)
 
     def _decoder(self) -> OnnxDecoder:
         if self.decoder is None:
@@ -211,7 +209,5 @@ class OrtBackend(LogitsBackend):
         return self.decoder
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.stop()
-            self._engine = None
+        self._stop_batching()
         self.decoder = None
