@@ -97,22 +97,22 @@ def main() -> None:
         batched.append({**run_streams(backend, prompts, args.tokens), "streams": args.streams})
     backend.close()
 
-    one, many = summarize(single), summarize(batched)
+    single_stream, all_streams = summarize(single), summarize(batched)
     result = {
         "model": str(args.model),
         "prompt_tokens": args.prompt_tokens,
         "tokens": args.tokens,
         "streams": args.streams,
-        "single": one,
-        "batched": many,
-        "speedup": many["tps"] / one["tps"],
-        "speedup_without_prompt": many["tps_without_prompt"] / one["tps_without_prompt"],
+        "single": single_stream,
+        "batched": all_streams,
+        "speedup": all_streams["tps"] / single_stream["tps"],
+        "speedup_without_prompt": all_streams["tps_without_prompt"] / single_stream["tps_without_prompt"],
     }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{args.model}: prompt {args.prompt_tokens} tokens, {args.tokens} generated, median of {args.rounds} rounds")
-    for label, figures in (("1 stream ", one), (f"{args.streams} streams", many)):
+    for label, figures in (("1 stream ", single_stream), (f"{args.streams} streams", all_streams)):
         print(
             f"{label}: {figures['tps']:.1f} tok/s, {figures['tps_without_prompt']:.1f} tok/s without prompt time; "
             f"decode step {figures['decode_ms_per_step']:.1f} ms, prompt {figures['prefill_ms_per_prompt']:.0f} ms each"

@@ -110,13 +110,13 @@ def test_scheduler_counts_slots_in_order() -> None:
 def test_scheduler_cancels_several_queued_waiters() -> None:
     async def scenario() -> tuple[int, int]:
         scheduler = Scheduler(max_concurrency=2, max_queue=8, metrics=ServerMetrics())
-        held = await scheduler.acquire(2)
+        taken = await scheduler.acquire(2)
         waiters = [asyncio.ensure_future(scheduler.acquire(2)) for _ in range(3)]
         await asyncio.sleep(0)
         for waiter in waiters:
             waiter.cancel()
         results = await asyncio.gather(*waiters, return_exceptions=True)
-        held.release()
+        taken.release()
         assert all(isinstance(result, asyncio.CancelledError) for result in results)
         return scheduler.running, scheduler.waiting
 

@@ -13,9 +13,9 @@ each sequence's own offset. So one buffer per cache tensor, shaped
   short request does not wait for a long prompt to finish;
 - a finished or cancelled sequence leaves between steps: the last row moves into its place.
 
-NOTE: written here rather than taken from ``og.Engine``: onnxruntime-genai 0.12.2's engine
-on CPU forms static batches of at most four, a request added to a running batch waits for
-the whole batch, and ``remove_request`` does not stop a request already in a batch, so a
+NOTE: written here rather than taken from ``og.Engine``. On CPU, onnxruntime-genai 0.12.2's
+engine forms static batches of at most four, and a request added to a running batch waits for
+the whole batch. Its ``remove_request`` does not stop a request already in a batch either, so a
 client that disconnects would keep its slot.
 """
 
@@ -174,8 +174,8 @@ class KVCache:
         if positions > self.capacity:
             # Grow by half again at least, so a sequence that grows a token at a time causes
             # few reallocations (each copies the whole cache).
-            wanted = max(positions, self.capacity + self.capacity // 2)
-            new_capacity = min(limit, -(-wanted // CAPACITY_STEP) * CAPACITY_STEP)
+            target = max(positions, self.capacity + self.capacity // 2)
+            new_capacity = min(limit, -(-target // CAPACITY_STEP) * CAPACITY_STEP)
             new_capacity = max(new_capacity, positions)
         arrays = {}
         for name, (heads, head_dim) in self._decoder.past_shapes.items():

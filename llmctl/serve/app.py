@@ -235,7 +235,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 400:
-            # FastAPI's answer to a body it cannot decode (invalid UTF-8, nesting too deep).
+            # FastAPI's response to a body it cannot decode (invalid UTF-8, nesting too deep).
             return error_response(
                 APIError(400, f"The request body cannot be parsed as JSON in UTF-8: {error.detail}", code="invalid_json")
             )

@@ -62,7 +62,7 @@ class TokenTexts:
 
     def is_final_eos(self, step: GenerationStep) -> bool:
         """Return True for the end-of-sequence token that ended a generation: it is not part of
-        the text, so log-probability lists leave it out, as OpenAI's API does."""
+        the text, so log-probability lists leave it out and their bytes rebuild the text."""
         if step.finish_reason != "stop":
             return False
         if self._eos_ids is None:

@@ -1,8 +1,8 @@
 """Admission control and the bridge from a backend's blocking token iterator to asyncio.
 
-Each sequence in flight holds a slot, and at most ``max_concurrency`` slots are held at once;
-up to ``max_queue`` requests more wait for theirs in arrival order, and any request past that
-is rejected with 429 at once rather than queued without bound. Each sequence runs ``Backend.generate`` in a thread of its own, so
+Each sequence in flight takes a slot, and at most ``max_concurrency`` slots are taken at once.
+Up to ``max_queue`` more requests wait for theirs in arrival order. Any request past that is
+rejected with 429 at once rather than queued without bound. Each sequence runs ``Backend.generate`` in a thread of its own, so
 several sequences are in flight together: a backend with continuous batching
 (``llmctl.runtime.batching``) runs them in shared decode steps, the others interleave their
 own steps.
